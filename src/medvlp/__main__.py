@@ -1,0 +1,4 @@
+"""``python -m medvlp`` entry point (same as the ``medvlp`` command)."""
+from medvlp.cli import main
+
+raise SystemExit(main())

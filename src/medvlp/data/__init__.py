@@ -1,0 +1,1 @@
+"""Data: the Sample schema, manifests, synthetic data, transforms and collation."""

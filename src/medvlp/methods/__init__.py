@@ -1,0 +1,1 @@
+"""Pre-training methods; each module registers itself in medvlp.registry.METHODS."""

@@ -1,0 +1,1 @@
+"""Encoders: ViT, BERT-style text encoders; they register in medvlp.registry.ENCODERS."""

@@ -76,6 +76,7 @@ class Batch:
     ids: list[str] = field(default_factory=list)
     subject_ids: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # unreadable samples left out of this batch
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -29,8 +29,31 @@ class Method(nn.Module):
     def after_optimizer_step(self, step: int) -> None:
         """Hook for EMA / momentum updates; called once per optimizer step."""
 
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Un-normalised pooled image-encoder features (what the linear probe sees)."""
+        return self.vision(images).pooled
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+
+def build_towers(cfg, tokenizer, *, load_text_weights: bool = True) -> tuple[nn.Module, nn.Module]:
+    """The image and text encoders named by ``cfg.model`` (shared by every method).
+    ``load_text_weights=False`` builds a Hugging Face text model from its config only
+    (its weights then come from a medvlp checkpoint)."""
+    from medvlp.models.text import build_text_encoder
+    from medvlp.models.vit import VisionTransformer
+
+    return VisionTransformer(cfg.model.vision), build_text_encoder(cfg.model.text, tokenizer, load_weights=load_text_weights)
+
+
+def projection(in_dim: int, out_dim: int, kind: str = "linear") -> nn.Module:
+    """Projection into the shared embedding space: bias-free linear, or a 2-layer MLP."""
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim, bias=False)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim, bias=False))
+    raise ValueError(f"unknown projection {kind!r}")

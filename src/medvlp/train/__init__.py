@@ -1,1 +1,1 @@
-"""train"""
+"""Training: optimiser and schedule, checkpoints, logging and the loop."""

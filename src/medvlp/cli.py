@@ -1,0 +1,167 @@
+"""The ``medvlp`` command line: synth, pretrain, evaluate, demo, list.
+
+Every subcommand has ``--help``. Config-driven subcommands take ``--config FILE`` and
+any number of ``section.key=value`` overrides. User errors (bad config values, missing
+files) print one readable message and exit non-zero (2 for configuration errors)
+instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from medvlp.errors import MedvlpError
+
+EPILOG_OVERRIDES = "Overrides: any number of dotted key=value pairs, e.g. train.steps=200 data.batch_size=32"
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="generate the synthetic chest-radiograph dataset (SynthCXR)",
+                       description="Generate synthetic chest radiographs with known findings, templated reports, "
+                                   "CheXpert-style labels and subject-level splits, as PNG files + manifest.jsonl.")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--subjects", type=int, default=200, help="number of synthetic subjects (default 200)")
+    p.add_argument("--studies", type=int, nargs=2, default=(1, 4), metavar=("MIN", "MAX"),
+                   help="studies per subject, inclusive range (default 1 4)")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="pre-train a method from a YAML config", epilog=EPILOG_OVERRIDES,
+                       description="Pre-train the method named in the config. Run under torchrun for several processes.")
+    p.add_argument("--config", required=True, help="experiment or method YAML (e.g. configs/experiments/demo.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the run folder's latest checkpoint")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate checkpoints: zero-shot, retrieval, linear probe",
+                       epilog=EPILOG_OVERRIDES,
+                       description="Evaluate one or more checkpoints (checkpoint or run folders) on a dataset's test split "
+                                   "and write metrics.json, report.md and roc.png.")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint folders or run folders (latest checkpoint)")
+    p.add_argument("--data", default=None, help="dataset folder or manifest (default: the one the first model trained on)")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of zeroshot,retrieval,linear_probe")
+    p.add_argument("--out", default=None, help="report folder (default: <first checkpoint>/eval)")
+    p.add_argument("--random-init", action="store_true",
+                   help="also evaluate the first model's encoders at random initialisation, as a baseline")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overrides", nargs="*", default=[], help="eval.* overrides, e.g. eval.probe_seeds=5")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="synthesise data, pre-train CLIP, evaluate against random init (CPU, < 10 min)",
+                       epilog=EPILOG_OVERRIDES)
+    p.add_argument("--out", default="medvlp-demo", help="working folder (default ./medvlp-demo)")
+    p.add_argument("--config", default=None, help="experiment YAML (default: the packaged demo config)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+
+def _add_list(sub) -> None:
+    p = sub.add_parser("list", help="list registered methods, encoders and datasets")
+    p.add_argument("what", nargs="?", choices=["methods", "encoders", "datasets", "all"], default="all")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medvlp import __version__
+
+    parser = argparse.ArgumentParser(prog="medvlp", description="Medical vision-language pre-training.")
+    parser.add_argument("--version", action="version", version=f"medvlp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_synth, _add_pretrain, _add_evaluate, _add_demo, _add_list):
+        add(sub)
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_synth(args) -> int:
+    from medvlp.data.synth import generate
+
+    path = generate(args.out, subjects=args.subjects, studies_per_subject=tuple(args.studies),
+                    image_size=args.image_size, seed=args.seed, progress=not args.no_progress)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from medvlp.config import load_config
+    from medvlp.train.loop import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    path = pretrain(cfg, resume=args.resume, device=args.device)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from medvlp.config import apply_overrides, build_config, to_dict
+    from medvlp.eval.report import format_table
+    from medvlp.eval.runner import evaluate_models
+    from medvlp.hub import load_bundle
+
+    bundles = [load_bundle(p, device=args.device) for p in args.checkpoints]
+    first = bundles[0]
+    raw = to_dict(first.cfg)
+    overrides = list(args.overrides)
+    if args.tasks:
+        overrides.append(f"eval.tasks=[{args.tasks}]")
+    cfg = build_config(apply_overrides(raw, overrides))
+    data = args.data or cfg.data.manifest
+    models = {}
+    for b in bundles:
+        name = b.path.parent.parent.name if b.path.parent.name == "checkpoints" else b.path.name
+        models[name] = (b.method, b.tokenizer)
+    if args.random_init:
+        base = load_bundle(args.checkpoints[0], device=args.device, weights=False)
+        models["random-init"] = (base.method, base.tokenizer)
+    subjects = set().union(*(b.pretrain_subject_hashes for b in bundles))
+    out = Path(args.out) if args.out else first.path / "eval"
+    results = evaluate_models(models, cfg, data, out, pretrain_subjects=subjects, device=args.device)
+    print(format_table(results))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from medvlp.demo import run_demo
+
+    run_demo(args.out, config=args.config, overrides=args.overrides)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from medvlp.registry import DATASETS, ENCODERS, METHODS
+
+    groups = {"methods": METHODS, "encoders": ENCODERS, "datasets": DATASETS}
+    for name, reg in groups.items():
+        if args.what not in (name, "all"):
+            continue
+        print(f"{name}:")
+        for key, desc in reg.describe().items():
+            print(f"  {key:<14} {desc}")
+    return 0
+
+
+COMMANDS = {"synth": cmd_synth, "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "demo": cmd_demo, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MedvlpError as exc:
+        print(f"medvlp {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume where the command supports it", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""CLIP / ConVIRT: symmetric InfoNCE between image and report embeddings.
+
+L = 1/2 [CE(s_i., i) + CE(s_.k, k)] with s_ik = v_i . w_k / tau over the in-batch pairs
+(all-gathered across ranks, see :mod:`medvlp.distributed`). What is learned is
+log(1/tau), starting at tau = 0.07; the scale 1/tau is clamped to at most
+``max_logit_scale`` and kept in fp32. Identical report texts are not treated as
+negatives of each other (``mask_identical_texts``). Only samples that have a report
+(``batch.has_text``) enter the loss.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvlp.config import MethodConfig
+from medvlp.distributed import gather_features, get_rank, get_world_size
+from medvlp.losses.contrastive import ClipLoss
+from medvlp.methods.base import Method, build_towers, projection
+from medvlp.registry import METHODS
+
+
+@dataclass
+class ClipConfig(MethodConfig):
+    name: str = "clip"
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    learn_temperature: bool = True
+    projection: Literal["linear", "mlp"] = "linear"
+    gather_with_grad: bool = True
+    local_loss: bool = False
+    mask_identical_texts: bool = True
+
+    def validate(self, prefix: str) -> None:
+        from medvlp.errors import ConfigError
+
+        if not 0 < self.init_temperature < 1:
+            raise ConfigError(f"{prefix}.init_temperature: must be within (0, 1), got {self.init_temperature}")
+        if self.max_logit_scale < 1 / self.init_temperature:
+            raise ConfigError(f"{prefix}.max_logit_scale: must be >= 1/init_temperature ({1 / self.init_temperature:.1f})")
+
+
+def text_hashes(texts: list[str], device: torch.device) -> torch.Tensor:
+    """A stable 63-bit hash per text (whitespace- and case-normalised), to find duplicates across ranks."""
+    vals = [int.from_bytes(hashlib.blake2b(" ".join(t.lower().split()).encode(), digest_size=8).digest(), "little") >> 1
+            for t in texts]
+    return torch.tensor(vals, dtype=torch.long, device=device)
+
+
+@METHODS.register("clip", ClipConfig, "CLIP / ConVIRT: symmetric image-report InfoNCE")
+class Clip(Method):
+    def __init__(self, cfg, tokenizer, *, load_text_weights: bool = True):
+        super().__init__()
+        mcfg: ClipConfig = cfg.method
+        self.cfg = mcfg
+        self.vision, self.text = build_towers(cfg, tokenizer, load_text_weights=load_text_weights)
+        self.image_proj = projection(self.vision.width, cfg.model.embed_dim, mcfg.projection)
+        self.text_proj = projection(self.text.width, cfg.model.embed_dim, mcfg.projection)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / mcfg.init_temperature)),
+                                        requires_grad=mcfg.learn_temperature)
+        self.loss_fn = ClipLoss(gather_with_grad=mcfg.gather_with_grad, local_loss=mcfg.local_loss)
+
+    # ------------------------------------------------------------------ encoders
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(self.image_features(images)), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text(input_ids, attention_mask).pooled), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
+
+    # ------------------------------------------------------------------ training
+    def identical_text_mask(self, texts: list[str], device: torch.device) -> torch.Tensor | None:
+        """(rows, cols) bool, True where two different samples have the same report text."""
+        if not self.cfg.mask_identical_texts:
+            return None
+        local = text_hashes(texts, device)
+        world = get_world_size()
+        cols = gather_features(local, gather_with_grad=False) if world > 1 else local
+        rows = local if (self.cfg.local_loss or world == 1) else cols
+        offset = get_rank() * local.shape[0] if (self.cfg.local_loss and world > 1) else 0
+        mask = rows[:, None] == cols[None, :]
+        idx = torch.arange(rows.shape[0], device=device)
+        mask[idx, idx + offset] = False
+        return mask if mask.any() else None
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        keep = batch.has_text
+        if not bool(keep.all()):
+            # Every rank must contribute the same number of rows to the gather; datasets
+            # with image-only samples need a method that uses them (e.g. MaskedCLIP).
+            raise ValueError("CLIP needs a report for every sample; filter image-only samples or use a semi-supervised method")
+        img = self.encode_image(batch.images)
+        txt = self.encode_text(batch.input_ids, batch.attention_mask)
+        scale = self.scale()
+        loss = self.loss_fn(img, txt, scale, negative_mask=self.identical_text_mask(batch.texts, img.device))
+        return {"loss": loss, "loss_clip": loss.detach(), "logit_scale": scale.detach()}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        self.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))

@@ -1,0 +1,47 @@
+"""The command line: help on every subcommand, readable errors with exit code 2."""
+import subprocess
+import sys
+
+import pytest
+
+from medvlp.cli import main
+
+SUBCOMMANDS = ["synth", "pretrain", "evaluate", "demo", "list"]
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_help_for_each_subcommand(sub, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([sub, "--help"])
+    assert exc.value.code == 0
+    assert "usage: medvlp " + sub in capsys.readouterr().out
+
+
+def test_bad_config_value_exits_2_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "medvlp", "pretrain", "--config", "configs/experiments/demo.yaml", "train.precision=fp8"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "train.precision: invalid value 'fp8'; allowed values: 'auto', 'fp32', 'bf16', 'fp16'" in proc.stderr
+
+
+def test_unknown_key_exits_2(capsys):
+    assert main(["pretrain", "--config", "configs/experiments/demo.yaml", "data.batchsize=8"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'data.batchsize'" in err and "batch_size" in err
+
+
+def test_missing_manifest_is_a_readable_error(tmp_path, capsys):
+    code = main(["pretrain", "--config", "configs/experiments/demo.yaml", f"data.manifest={tmp_path / 'none'}",
+                 f"train.output_dir={tmp_path / 'run'}"])
+    assert code == 1
+    assert "manifest not found" in capsys.readouterr().err
+
+
+def test_list_names_every_registry(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for word in ("methods:", "clip", "encoders:", "vit", "bert", "hf", "datasets:", "synthcxr"):
+        assert word in out

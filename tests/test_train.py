@@ -1,0 +1,119 @@
+"""Training: every parameter learns, one batch can be overfit, resume is exact,
+corrupt images are skipped and counted, checkpoints hold no pickles."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medvlp.data.loader import make_loader
+from medvlp.data.manifest import read_info, read_manifest
+from medvlp.data.tokenize import train_wordpiece
+from medvlp.hub import build_method
+from medvlp.train import checkpoint as ckpt_mod
+from medvlp.train import loop
+
+
+def _one_batch(cfg, n=8):
+    samples = read_manifest(cfg.data.manifest, ["train"])
+    classes = read_info(cfg.data.manifest)["classes"]
+    tok = train_wordpiece([s.text() for s in samples], cfg.model.text.vocab_size)
+    # distinct report texts so each pair has exactly one positive
+    seen, chosen = set(), []
+    for s in samples:
+        if s.text() not in seen:
+            seen.add(s.text())
+            chosen.append(s)
+        if len(chosen) == n:
+            break
+    batch = next(iter(make_loader(chosen, cfg, tok, classes, batch_size=n)))
+    return tok, batch
+
+
+def test_every_trainable_parameter_gets_a_gradient(tiny_cfg):
+    cfg = tiny_cfg("model.text.dropout=0.0")
+    tok, batch = _one_batch(cfg)
+    torch.manual_seed(0)
+    method = build_method(cfg, tok)
+    method.train()
+    method(batch)["loss"].backward()
+    missing = [n for n, p in method.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing, f"parameters without gradient: {missing}"
+
+
+def test_overfit_one_batch(tiny_cfg):
+    cfg = tiny_cfg("model.text.dropout=0.0")
+    tok, batch = _one_batch(cfg)
+    torch.manual_seed(0)
+    method = build_method(cfg, tok)
+    opt = torch.optim.AdamW(method.parameters(), lr=2e-3)
+    first = None
+    for _ in range(80):
+        loss = method(batch)["loss"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    method.eval()
+    with torch.no_grad():
+        sim = method.encode_image(batch.images) @ method.encode_text(batch.input_ids, batch.attention_mask).T
+    assert loss.item() < 0.1 * first
+    assert torch.equal(sim.argmax(1), torch.arange(len(batch)))
+
+
+def test_resume_after_interruption_equals_uninterrupted(tiny_cfg, tmp_path, monkeypatch):
+    common = ["train.steps=6", "train.save_every=3", "model.text.dropout=0.1", "train.keep_checkpoints=5"]
+    full = loop.pretrain(tiny_cfg(*common, f"train.output_dir={tmp_path / 'a'}"))
+
+    real_save = ckpt_mod.save_checkpoint
+
+    def crash_after_first_save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", crash_after_first_save)
+    cfg_b = tiny_cfg(*common, f"train.output_dir={tmp_path / 'b'}")
+    with pytest.raises(KeyboardInterrupt):
+        loop.pretrain(cfg_b)
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", real_save)
+    assert [p.name for p in ckpt_mod.list_checkpoints(tmp_path / "b")] == ["step_00000003"]
+    resumed = loop.pretrain(cfg_b, resume=True)
+
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    la = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    assert [r["step"] for r in lb] == list(range(1, 7))
+
+
+def test_checkpoint_is_safetensors_and_json_only(tiny_cfg):
+    path = loop.pretrain(tiny_cfg("train.steps=2"))
+    names = sorted(p.name for p in path.iterdir())
+    for required in ("model.safetensors", "config.json", "tokenizer", "optimizer.safetensors", "trainer_state.json",
+                     "pretrain_subjects.json", "text_config"):
+        assert required in names
+    for f in path.rglob("*"):
+        if f.is_file():
+            assert f.suffix in (".safetensors", ".json", ".txt"), f
+    config = json.loads((path / "config.json").read_text())
+    assert config["preprocess"]["image_size"] == 32 and config["classes"]
+    subjects = json.loads((path / "pretrain_subjects.json").read_text())["sha256"]
+    assert all(len(h) == 64 for h in subjects)  # hashed, never raw ids
+
+
+def test_corrupt_image_is_skipped_and_listed(tiny_dataset, tiny_cfg, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    victim = read_manifest(data, ["train"])[0].image
+    with open(victim, "wb") as fh:
+        fh.write(b"not a png")
+    cfg = tiny_cfg(f"data.manifest={data}", "train.steps=8")
+    loop.pretrain(cfg)
+    listed = (tmp_path / "run" / "skipped.txt").read_text()
+    assert victim in listed

@@ -16,6 +16,7 @@ hash); never a name or a raw patient id. Splits are by subject.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -23,6 +24,12 @@ import torch
 
 POSITIVE, NEGATIVE, UNCERTAIN, MISSING = 1, 0, -1, -2
 LABEL_NAMES = {POSITIVE: "positive", NEGATIVE: "negative", UNCERTAIN: "uncertain", MISSING: "missing"}
+
+
+def hash_subject(subject_id: str) -> str:
+    """SHA-256 of a subject id: what checkpoints store to let evaluation check for
+    subject overlap without shipping the ids themselves."""
+    return hashlib.sha256(str(subject_id).encode()).hexdigest()
 
 
 @dataclass

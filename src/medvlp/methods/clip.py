@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvlp.config import MethodConfig
-from medvlp.distributed import gather_features, get_rank, get_world_size
 from medvlp.losses.contrastive import ClipLoss
 from medvlp.methods.base import Method, build_towers, projection
 from medvlp.registry import METHODS
@@ -76,20 +75,6 @@ class Clip(Method):
         return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
 
     # ------------------------------------------------------------------ training
-    def identical_text_mask(self, texts: list[str], device: torch.device) -> torch.Tensor | None:
-        """(rows, cols) bool, True where two different samples have the same report text."""
-        if not self.cfg.mask_identical_texts:
-            return None
-        local = text_hashes(texts, device)
-        world = get_world_size()
-        cols = gather_features(local, gather_with_grad=False) if world > 1 else local
-        rows = local if (self.cfg.local_loss or world == 1) else cols
-        offset = get_rank() * local.shape[0] if (self.cfg.local_loss and world > 1) else 0
-        mask = rows[:, None] == cols[None, :]
-        idx = torch.arange(rows.shape[0], device=device)
-        mask[idx, idx + offset] = False
-        return mask if mask.any() else None
-
     def forward(self, batch) -> dict[str, torch.Tensor]:
         keep = batch.has_text
         if not bool(keep.all()):
@@ -99,7 +84,8 @@ class Clip(Method):
         img = self.encode_image(batch.images)
         txt = self.encode_text(batch.input_ids, batch.attention_mask)
         scale = self.scale()
-        loss = self.loss_fn(img, txt, scale, negative_mask=self.identical_text_mask(batch.texts, img.device))
+        keys = text_hashes(batch.texts, img.device) if self.cfg.mask_identical_texts else None
+        loss = self.loss_fn(img, txt, scale, pair_keys=keys)
         return {"loss": loss, "loss_clip": loss.detach(), "logit_scale": scale.detach()}
 
     @torch.no_grad()

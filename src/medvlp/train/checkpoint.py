@@ -16,7 +16,6 @@ saving never leaves a half-written checkpoint under the final name.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,13 +27,10 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from medvlp import __version__
 from medvlp.config import to_dict
+from medvlp.data.sample import hash_subject
 from medvlp.errors import CheckpointError
 
 CKPT_DIR = "checkpoints"
-
-
-def hash_subject(subject_id: str) -> str:
-    return hashlib.sha256(str(subject_id).encode()).hexdigest()
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -5,8 +5,8 @@
   (Contrastive negatives come from a micro-batch gathered across ranks, not from the
   accumulated batch.)
 - Randomness: one seed. The data order and augmentation are functions of (seed, epoch,
-  index); the torch RNG (dropout, masking noise) is re-seeded from (seed, rank, step) at
-  every optimizer step. Resuming therefore continues exactly, with no RNG state to carry.
+  index); the torch RNG (dropout, masking noise) is re-seeded from (seed, rank, step,
+  micro-batch) before every forward pass. Resuming therefore continues exactly, with no RNG state to carry.
 - Precision: ``auto`` is bf16 autocast on CUDA devices that support it and fp32 on CPU;
   ``bf16`` autocast is also available on CPU; ``fp16`` uses a gradient scaler (CUDA).
 - Checkpoints every ``train.save_every`` steps and at the end (see ``checkpoint.py``).
@@ -33,6 +33,11 @@ from medvlp.hub import build_method
 from medvlp.train import checkpoint as ckpt
 from medvlp.train.logging import RunLogger
 from medvlp.train.optim import build_optimizer, build_scheduler
+
+
+def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """The torch RNG seed of one micro-batch: dropout and masking noise depend only on it."""
+    return (seed * 1_000_003 + rank * 100_003 + step * 101 + micro) % (2**63 - 1)
 
 
 def run_dir_for(cfg) -> Path:
@@ -126,10 +131,11 @@ def pretrain(cfg, *, resume: bool = False, device: str | None = None) -> Path:
     t_last, steps_since = time.perf_counter(), 0
     last_path = None
     while step < cfg.train.steps:
-        torch.manual_seed(cfg.train.seed * 100_003 + rank * 7_919 + step)
         terms: dict[str, float] = {}
         for micro in range(cfg.train.accum_steps):
             batch = next(batches)
+            # after fetching: creating a DataLoader iterator draws from the global RNG
+            torch.manual_seed(step_seed(cfg.train.seed, rank, step, micro))
             logger.log_skipped(batch.skipped)
             batch = batch.to(dev)
             sync = contextlib.nullcontext()

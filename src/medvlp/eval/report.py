@@ -1,0 +1,187 @@
+"""Evaluation report: ``metrics.json``, ``report.md`` and ``roc.png``.
+
+``results`` maps a model name to its metrics, as returned by
+:func:`medvlp.eval.runner.evaluate_models`: ``{"zeroshot": ..., "retrieval": ...,
+"linear_probe": ...}`` (any subset). ``report.md`` is one markdown table with a column
+per model; ``roc.png`` draws the zero-shot ROC curves, one subplot per class and one
+line per model (only written when zero-shot results are present).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+NA = "n/a"
+
+
+def _jsonable(obj: Any) -> Any:
+    """NumPy / tensor scalars -> Python; NaN and inf -> None (strict JSON)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if hasattr(obj, "item") and callable(obj.item):
+        return _jsonable(obj.item())
+    return obj
+
+
+def _num(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return NA
+    return f"{value:.3f}"
+
+
+def _rows(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str]]]:
+    """(row label, one cell per model) for every metric any model has."""
+    models = list(results)
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(label: str, getter) -> None:
+        cells = []
+        for name in models:
+            try:
+                cells.append(getter(results[name]))
+            except (KeyError, TypeError):
+                cells.append("")
+        if any(cells):
+            rows.append((label, cells))
+
+    classes: list[str] = []
+    for metrics in results.values():
+        for c in (metrics.get("zeroshot") or {}).get("per_class", {}):
+            if c not in classes:
+                classes.append(c)
+    add("zero-shot mean AUROC", lambda m: _num(m["zeroshot"]["mean"]))
+    for c in classes:
+        add(f"zero-shot AUROC: {c}", lambda m, c=c: _num(m["zeroshot"]["per_class"][c]))
+    for direction, arrow in (("image_to_text", "image→text"), ("text_to_image", "text→image")):
+        for k in (1, 5, 10):
+            add(f"{arrow} R@{k}", lambda m, d=direction, k=k: _num(m["retrieval"][d][f"R@{k}"]))
+    for direction, arrow in (("image_to_text", "image→text"), ("text_to_image", "text→image")):
+        for k in (1, 5, 10):
+            add(
+                f"{arrow} label P@{k}",
+                lambda m, d=direction, k=k: _num(m["retrieval"]["label_precision"][d][f"P@{k}"]),
+            )
+    fraction_keys: list[str] = []
+    for metrics in results.values():
+        for key in (metrics.get("linear_probe") or {}).get("fractions", {}):
+            if key not in fraction_keys:
+                fraction_keys.append(key)
+    for key in sorted(fraction_keys, key=float):
+
+        def probe_cell(m, key=key) -> str:
+            entry = m["linear_probe"]["fractions"][key]
+            if entry["mean"] is None or not math.isfinite(entry["mean"]):
+                return NA
+            return f"{entry['mean']:.3f} ± {entry['sd']:.3f}"
+
+        add(f"linear probe AUROC @{float(key) * 100:g}%", probe_cell)
+    return rows
+
+
+def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """A markdown table, one row per metric and one column per model."""
+    models = list(results)
+    rows = _rows(results)
+    lines = ["| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+    return "\n".join(lines)
+
+
+def _notes(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    notes = []
+    for name, metrics in results.items():
+        undefined = (metrics.get("zeroshot") or {}).get("undefined") or []
+        if undefined:
+            notes.append(
+                f"- {name}: zero-shot AUROC undefined (only one label value in the test set, "
+                f"excluded from the mean) for: {', '.join(undefined)}"
+            )
+        for key, entry in ((metrics.get("linear_probe") or {}).get("fractions") or {}).items():
+            if entry.get("degenerate_classes"):
+                notes.append(
+                    f"- {name}: linear probe @{float(key) * 100:g}%: classes with a single label value "
+                    f"in the training fraction (constant score): {', '.join(entry['degenerate_classes'])}"
+                )
+    return notes
+
+
+def plot_roc(results: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path | None:
+    """Zero-shot ROC curves: one subplot per class, one line per model (Agg backend)."""
+    # An explicit Agg canvas: no pyplot global state, works headless, never changes the user's backend
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = {name: (m.get("zeroshot") or {}).get("roc") or {} for name, m in results.items()}
+    classes: list[str] = []
+    for per_model in curves.values():
+        classes += [c for c in per_model if c not in classes]
+    if not classes:
+        return None
+    ncols = min(4, len(classes))
+    nrows = math.ceil(len(classes) / ncols)
+    fig = Figure(figsize=(3.2 * ncols, 3.2 * nrows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax, cls in zip(axes.flat, classes):
+        for name, per_model in curves.items():
+            if cls in per_model:
+                auc = results[name]["zeroshot"]["per_class"].get(cls)
+                ax.plot(per_model[cls]["fpr"], per_model[cls]["tpr"], label=f"{name} ({_num(auc)})")
+        ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=0.8)
+        ax.set_title(cls, fontsize=9)
+        ax.set_xlabel("false positive rate", fontsize=8)
+        ax.set_ylabel("true positive rate", fontsize=8)
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in list(axes.flat)[len(classes) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path) -> dict[str, Path]:
+    """Write metrics.json, report.md and (with zero-shot results) roc.png into ``out_dir``.
+
+    Returns ``{"metrics": path, "report": path, "roc": path}`` (``"roc"`` only when drawn).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    paths["metrics"] = out_dir / "metrics.json"
+    _atomic_write(paths["metrics"], json.dumps(_jsonable(results), indent=2) + "\n")
+    roc = plot_roc(results, out_dir / "roc.png")
+    parts = ["# medvlp evaluation report", "", format_table(results), ""]
+    notes = _notes(results)
+    if notes:
+        parts += ["## Notes", "", *notes, ""]
+    parts += [
+        "AUROC masks uncertain and missing labels; linear probe cells are mean ± sd over seeds.",
+        "Full numbers are in `metrics.json`.",
+    ]
+    if roc is not None:
+        parts += ["", "![zero-shot ROC curves](roc.png)"]
+        paths["roc"] = roc
+    paths["report"] = out_dir / "report.md"
+    _atomic_write(paths["report"], "\n".join(parts) + "\n")
+    return paths

@@ -1,0 +1,254 @@
+"""Evaluation orchestration used by ``medvlp evaluate`` and the demo.
+
+:func:`evaluate_models` reads a prepared dataset, checks that the test subjects are
+disjoint from pre-training (and from the probe's training split), embeds each split
+once per model, runs the tasks of ``cfg.eval.tasks`` (zeroshot, retrieval,
+linear_probe) and writes the report (:mod:`medvlp.eval.report`).
+
+A model is a :class:`~medvlp.methods.base.Method` providing ``encode_image(images)``
+and ``encode_text(input_ids, attention_mask)`` (L2-normalised, shared space),
+``image_features(images)`` (un-normalised encoder features for the linear probe; when
+absent the probe falls back to ``encode_image`` and says so in the results) and a
+``logit_scale`` parameter holding log(1/tau) (zero-shot uses its exp, clamped to 100).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from medvlp.data.manifest import read_info, read_manifest
+from medvlp.data.sample import Sample, hash_subject
+from medvlp.errors import DataError, EvaluationError
+from medvlp.eval.linear_probe import evaluate_linear_probe
+from medvlp.eval.prompts import load_prompts
+from medvlp.eval.report import write_report
+from medvlp.eval.retrieval import evaluate_retrieval
+from medvlp.eval.zeroshot import DEFAULT_LOGIT_SCALE, evaluate_zero_shot
+
+log = logging.getLogger(__name__)
+
+MAX_ZERO_SHOT_SCALE = 100.0
+TASKS = ("zeroshot", "retrieval", "linear_probe")
+
+
+def _make_loader(samples: Sequence[Sample], cfg, tokenizer, classes: Sequence[str], batch_size: int) -> Iterable:
+    """The in-order evaluation loader (imported lazily: data loading is optional here)."""
+    from medvlp.data.loader import make_loader
+
+    return make_loader(samples, cfg, tokenizer, classes, train=False, batch_size=batch_size)
+
+
+def _encode_texts(tokenizer, texts: list[str], max_length: int) -> dict:
+    from medvlp.data.tokenize import encode_texts
+
+    return encode_texts(tokenizer, texts, max_length)
+
+
+@dataclass
+class SplitEmbeddings:
+    """Everything the tasks need from one split, row-aligned (N rows)."""
+
+    ids: list[str]
+    subject_ids: list[str]
+    texts: list[str]
+    labels: torch.Tensor  # (N, K) label codes
+    image_emb: Optional[torch.Tensor] = None  # (N, E) normalised
+    text_emb: Optional[torch.Tensor] = None  # (N, E) normalised
+    features: Optional[torch.Tensor] = None  # (N, D) encoder features
+
+
+def check_subject_overlap(test: Sequence[Sample], seen: Optional[set[str]], *, test_split: str, seen_what: str,
+                          fix: str, limit: int = 5, hashed: bool = False) -> None:
+    """Raise :class:`EvaluationError` when a test subject is among ``seen`` (SHA-256
+    hashes of subject ids when ``hashed``, as checkpoints store them)."""
+    if not seen:
+        return
+    seen = set(seen)
+    key = hash_subject if hashed else (lambda sid: sid)
+    overlap = sorted({s.subject_id for s in test if key(s.subject_id) in seen})
+    if overlap:
+        n_test = len({s.subject_id for s in test})
+        raise EvaluationError(
+            f"{len(overlap)} of {n_test} subjects of the test split {test_split!r} also appear in {seen_what}, "
+            f"e.g. {', '.join(overlap[:limit])}. Scores on subjects the model has seen are inflated, so "
+            f"evaluation refuses to run. Fix: {fix}"
+        )
+
+
+@torch.no_grad()
+def embed_split(model: nn.Module, tokenizer, samples: Sequence[Sample], cfg, classes: Sequence[str], *,
+                device: torch.device | str = "cpu", images: bool = True, texts: bool = False,
+                features: bool = False, progress: bool = True, desc: str = "embedding") -> SplitEmbeddings:
+    """Run the model over one split in eval mode; returns row-aligned embeddings.
+
+    Samples whose image the loader could not read are absent from the result (the
+    loader reports them); ids tell which rows survived.
+    """
+    feature_fn = getattr(model, "image_features", None) if features else None
+    ids: list[str] = []
+    subject_ids: list[str] = []
+    all_texts: list[str] = []
+    labels, img_out, txt_out, feat_out = [], [], [], []
+    loader = _make_loader(samples, cfg, tokenizer, classes, cfg.eval.batch_size)
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+        pixels = batch.images.to(device)
+        ids += list(batch.ids)
+        subject_ids += list(batch.subject_ids)
+        all_texts += list(batch.texts)
+        labels.append(batch.labels.cpu())
+        if images or (features and feature_fn is None):
+            img_out.append(model.encode_image(pixels).float().cpu())
+        if texts:
+            txt_out.append(model.encode_text(batch.input_ids.to(device), batch.attention_mask.to(device)).float().cpu())
+        if feature_fn is not None:
+            feat_out.append(feature_fn(pixels).float().cpu())
+    if not ids:
+        raise DataError(f"{desc}: the loader produced no samples (is the split empty?)")
+    image_emb = torch.cat(img_out) if img_out else None
+    return SplitEmbeddings(
+        ids=ids,
+        subject_ids=subject_ids,
+        texts=all_texts,
+        labels=torch.cat(labels).long(),
+        image_emb=image_emb if images else None,
+        text_emb=torch.cat(txt_out) if txt_out else None,
+        features=torch.cat(feat_out) if feat_out else (image_emb if features else None),
+    )
+
+
+def make_text_encoder(model: nn.Module, tokenizer, cfg, device: torch.device | str = "cpu") -> Callable[[list[str]], torch.Tensor]:
+    """``texts -> (M, E)`` normalised embeddings, tokenised like the training reports."""
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> torch.Tensor:
+        out = []
+        step = max(1, cfg.eval.batch_size)
+        for start in range(0, len(texts), step):
+            enc = _encode_texts(tokenizer, list(texts[start : start + step]), cfg.model.text.max_length)
+            emb = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+            out.append(emb.float().cpu())
+        return torch.cat(out)
+
+    return encode
+
+
+def zero_shot_logit_scale(model: nn.Module) -> float:
+    """exp(model.logit_scale) clamped to 100; 100 when the model has no logit scale."""
+    param = getattr(model, "logit_scale", None)
+    if param is None:
+        return DEFAULT_LOGIT_SCALE
+    return float(torch.as_tensor(param).detach().float().exp().clamp(max=MAX_ZERO_SHOT_SCALE))
+
+
+def _read_splits(cfg, dataset: str | Path, tasks: Sequence[str],
+                 pretrain_subjects: Optional[set[str]]) -> tuple[list[Sample], list[Sample] | None]:
+    test = read_manifest(dataset, [cfg.eval.split])
+    if pretrain_subjects is None:
+        log.warning("pretrain_subjects not given: cannot check that test subjects were unseen in pre-training")
+    check_subject_overlap(
+        test, pretrain_subjects, test_split=cfg.eval.split, seen_what="the pre-training data", hashed=True,
+        fix="evaluate on a split whose subjects were held out of pre-training (eval.split), "
+        "or pre-train without them (data.train_split).",
+    )
+    if "linear_probe" not in tasks:
+        return test, None
+    if cfg.eval.probe_train_split == cfg.eval.split:
+        raise EvaluationError(
+            f"eval.probe_train_split and eval.split are both {cfg.eval.split!r}: the linear probe would be "
+            "trained on its test set. Fix: set eval.probe_train_split to a training split (e.g. 'train')."
+        )
+    pool = read_manifest(dataset, [cfg.eval.probe_train_split])
+    check_subject_overlap(
+        test, {s.subject_id for s in pool}, test_split=cfg.eval.split,
+        seen_what=f"the linear probe's training split {cfg.eval.probe_train_split!r}",
+        fix="re-split the dataset by subject so the probe's training split and the test split are disjoint.",
+    )
+    return test, pool
+
+
+def evaluate_models(
+    models: Mapping[str, tuple[nn.Module, object]],
+    cfg,
+    dataset: str | Path,
+    out_dir: str | Path,
+    *,
+    pretrain_subjects: Optional[set[str]],
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    prompts: str | Path | None = None,
+) -> dict:
+    """Evaluate each ``name -> (model, tokenizer)`` on ``dataset``; write the report into ``out_dir``.
+
+    Args:
+        models: model name -> (Method, its tokenizer).
+        cfg: the :class:`~medvlp.config.ExperimentConfig` (``eval`` section, preprocessing, max length).
+        dataset: a dataset folder (or its manifest.jsonl).
+        out_dir: where metrics.json, report.md, roc.png and splits/ are written.
+        pretrain_subjects: SHA-256 hashes of the subject ids seen in pre-training (as a
+            checkpoint's pretrain_subjects.json holds them); evaluation refuses to run
+            when a test subject is among them (None: not checked, a warning is logged).
+        prompts: an optional zero-shot prompt file (see :mod:`medvlp.eval.prompts`).
+    Returns ``{model name: {"zeroshot": ..., "retrieval": ..., "linear_probe": ..., "meta": ...}}``.
+    """
+    tasks = list(dict.fromkeys(cfg.eval.tasks))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise EvaluationError(f"eval.tasks: got {tasks}; choose one or more of {', '.join(TASKS)}")
+    if not models:
+        raise EvaluationError("no model to evaluate")
+    info = read_info(dataset)
+    classes = info.get("classes")
+    if not classes:
+        raise DataError(f"{dataset}: dataset.json lists no 'classes'; regenerate or re-prepare the dataset")
+    test, pool = _read_splits(cfg, dataset, tasks, pretrain_subjects)
+    prompt_table = load_prompts(prompts, classes) if "zeroshot" in tasks else None
+    out_dir = Path(out_dir)
+
+    results: dict[str, dict] = {}
+    for name, (model, tokenizer) in models.items():
+        was_training = model.training
+        model.eval().to(device)
+        try:
+            results[name] = _evaluate_one(name, model, tokenizer, cfg, classes, tasks, test, pool, prompt_table,
+                                          out_dir, device=device, progress=progress,
+                                          overlap_checked=pretrain_subjects is not None)
+        finally:
+            model.train(was_training)
+    write_report(results, out_dir)
+    return results
+
+
+def _evaluate_one(name: str, model: nn.Module, tokenizer, cfg, classes: list[str], tasks: list[str],
+                  test: list[Sample], pool: list[Sample] | None, prompt_table, out_dir: Path, *,
+                  device, progress: bool, overlap_checked: bool) -> dict:
+    probe = "linear_probe" in tasks
+    emb = embed_split(model, tokenizer, test, cfg, classes, device=device, images=True,
+                      texts="retrieval" in tasks, features=probe, progress=progress,
+                      desc=f"{name}: {cfg.eval.split}")
+    scale = zero_shot_logit_scale(model)
+    out: dict = {"meta": {"split": cfg.eval.split, "n_test": len(emb.ids), "classes": list(classes),
+                          "pretrain_overlap_checked": overlap_checked}}
+    if "zeroshot" in tasks:
+        encode = make_text_encoder(model, tokenizer, cfg, device)
+        out["zeroshot"] = evaluate_zero_shot(emb.image_emb, encode, emb.labels, classes, prompt_table, scale)
+    if "retrieval" in tasks:
+        keep = torch.as_tensor(np.flatnonzero([bool(t.strip()) for t in emb.texts]), dtype=torch.long)  # images without a report have no pair
+        out["retrieval"] = evaluate_retrieval(emb.image_emb[keep], emb.text_emb[keep],
+                                              [emb.texts[i] for i in keep.tolist()], emb.labels[keep])
+    if probe:
+        train = embed_split(model, tokenizer, pool, cfg, classes, device=device, images=False, features=True,
+                            progress=progress, desc=f"{name}: {cfg.eval.probe_train_split}")
+        out["linear_probe"] = evaluate_linear_probe(
+            train.features, train.labels, train.ids, emb.features, emb.labels, classes,
+            cfg.eval.fractions, cfg.eval.min_positives, cfg.eval.probe_seeds, out_dir,
+        )
+        out["linear_probe"]["features"] = "image_features" if hasattr(model, "image_features") else "encode_image"
+        out["linear_probe"]["train_split"] = cfg.eval.probe_train_split
+    return out

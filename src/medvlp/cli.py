@@ -58,6 +58,8 @@ def _add_demo(sub) -> None:
                        epilog=EPILOG_OVERRIDES)
     p.add_argument("--out", default="medvlp-demo", help="working folder (default ./medvlp-demo)")
     p.add_argument("--config", default=None, help="experiment YAML (default: the packaged demo config)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training (default 0)")
+    p.add_argument("--subjects", type=int, default=None, help="synthetic subjects (default: the demo's size)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
@@ -131,7 +133,10 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from medvlp.demo import run_demo
 
-    run_demo(args.out, config=args.config, overrides=args.overrides)
+    from medvlp.demo import DEMO_SUBJECTS
+
+    run_demo(args.out, config=args.config, overrides=args.overrides, seed=args.seed,
+             subjects=args.subjects or DEMO_SUBJECTS)
     return 0
 
 

@@ -118,6 +118,8 @@ class EvalConfig:
     min_positives: int = 2
     probe_seeds: int = 3
     batch_size: int = 128
+    prompt_template: str = "{}"
+    prompts: Optional[str] = None  # a YAML/JSON prompt file; its classes override the defaults
 
 
 @dataclass
@@ -313,6 +315,8 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
     for frac in cfg.eval.fractions:
         if not 0 < frac <= 1:
             raise ConfigError(f"eval.fractions: each fraction must be within (0, 1], got {frac}")
+    if cfg.eval.prompt_template.count("{}") != 1:
+        raise ConfigError(f"eval.prompt_template: must contain '{{}}' exactly once, got {cfg.eval.prompt_template!r}")
     allowed_sections = ("findings", "impression")
     for sec in cfg.data.sections:
         if sec not in allowed_sections:

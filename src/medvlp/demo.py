@@ -11,7 +11,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-DEMO_SUBJECTS = 600
+DEMO_SUBJECTS = 1000
 DEMO_SEED = 0
 
 
@@ -21,7 +21,9 @@ def packaged_config(relative: str) -> Path:
 
 
 def run_demo(out: str | Path, *, config: str | None = None, overrides: list[str] | None = None,
-             subjects: int = DEMO_SUBJECTS) -> dict:
+             subjects: int = DEMO_SUBJECTS, seed: int = DEMO_SEED, progress: bool = True) -> dict:
+    """Run the three steps in ``out``; returns ``{model name: metrics}`` plus ``"timing"``
+    (seconds per step). ``seed`` seeds both the synthetic data and the training run."""
     from medvlp.config import load_config
     from medvlp.data.synth import generate
     from medvlp.eval.report import format_table
@@ -33,29 +35,35 @@ def run_demo(out: str | Path, *, config: str | None = None, overrides: list[str]
     t0 = time.perf_counter()
     data_dir = out / "synthcxr"
     config_path = Path(config) if config else packaged_config("experiments/demo.yaml")
-    cfg = load_config(config_path, [f"data.manifest={data_dir}", f"train.output_dir={out / 'run'}", *(overrides or [])])
+    cfg = load_config(config_path, [f"data.manifest={data_dir}", f"train.output_dir={out / 'run'}",
+                                    f"train.seed={seed}", f"train.progress={str(progress).lower()}", *(overrides or [])])
+    timing: dict[str, float] = {}
 
     print(f"[1/3] synthesising {subjects} subjects -> {data_dir}")
-    print(f"      (same as: medvlp synth --out {data_dir} --subjects {subjects} --image-size {cfg.model.vision.image_size})")
-    if not (data_dir / "manifest.jsonl").is_file():
-        generate(data_dir, subjects=subjects, image_size=cfg.model.vision.image_size, seed=DEMO_SEED)
-    else:
-        print("      found an existing dataset; reusing it")
+    print(f"      (same as: medvlp synth --out {data_dir} --subjects {subjects} "
+          f"--image-size {cfg.model.vision.image_size} --seed {seed})")
+    generate(data_dir, subjects=subjects, image_size=cfg.model.vision.image_size, seed=seed, progress=progress)
+    timing["synth_s"] = time.perf_counter() - t0
 
     print(f"[2/3] pre-training CLIP for {cfg.train.steps} steps -> {out / 'run'}")
     print(f"      (same as: medvlp pretrain --config {config_path} data.manifest={data_dir} train.output_dir={out / 'run'})")
+    t1 = time.perf_counter()
     ckpt = pretrain(cfg)
+    timing["pretrain_s"] = time.perf_counter() - t1
 
     print("[3/3] evaluating the pre-trained model and the same encoders at random initialisation")
     trained = load_bundle(ckpt)
     baseline = load_bundle(ckpt, weights=False)
     report_dir = out / "eval"
+    t2 = time.perf_counter()
     results = evaluate_models(
         {"clip": (trained.method, trained.tokenizer), "random-init": (baseline.method, baseline.tokenizer)},
-        trained.cfg, data_dir, report_dir, pretrain_subjects=trained.pretrain_subject_hashes,
+        trained.cfg, data_dir, report_dir, pretrain_subjects=trained.pretrain_subject_hashes, progress=progress,
     )
+    timing["evaluate_s"] = time.perf_counter() - t2
     print()
     print(format_table(results))
     print(f"\nreport: {report_dir / 'report.md'}  (plots: {report_dir / 'roc.png'})")
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s")
-    return results
+    timing["total_s"] = time.perf_counter() - t0
+    print(f"demo finished in {timing['total_s']:.0f} s")
+    return {**results, "timing": timing}

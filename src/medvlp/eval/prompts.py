@@ -35,7 +35,10 @@ DEFAULT_PROMPTS: Prompts = {
     "No Finding": _p(
         ["no acute cardiopulmonary abnormality.", "no acute cardiopulmonary process.", "the lungs are clear.",
          "normal chest radiograph."],
-        ["there is an acute cardiopulmonary abnormality.", "abnormal chest radiograph.", "the lungs are not clear."],
+        # "not normal" is said in reports by naming an abnormality, so the negative side is
+        # an ensemble of common abnormal statements rather than a negated normal phrase
+        ["abnormal chest radiograph.", "cardiomegaly.", "pleural effusion.", "focal consolidation.",
+         "pulmonary nodule.", "pneumothorax.", "pulmonary edema.", "atelectasis."],
     ),
     "Enlarged Cardiomediastinum": _p(
         ["the mediastinum is widened.", "enlarged cardiomediastinal silhouette.", "widened mediastinum."],

@@ -124,10 +124,13 @@ def embed_split(model: nn.Module, tokenizer, samples: Sequence[Sample], cfg, cla
 
 
 def make_text_encoder(model: nn.Module, tokenizer, cfg, device: torch.device | str = "cpu") -> Callable[[list[str]], torch.Tensor]:
-    """``texts -> (M, E)`` normalised embeddings, tokenised like the training reports."""
+    """``prompts -> (M, E)`` normalised embeddings, tokenised like the training reports;
+    each prompt is first formatted with ``cfg.eval.prompt_template`` (e.g. ``"IMPRESSION: {}"``
+    puts it in the section layout the reports were trained with)."""
 
     @torch.no_grad()
     def encode(texts: list[str]) -> torch.Tensor:
+        texts = [cfg.eval.prompt_template.format(t) for t in texts]
         out = []
         step = max(1, cfg.eval.batch_size)
         for start in range(0, len(texts), step):
@@ -208,7 +211,7 @@ def evaluate_models(
     if not classes:
         raise DataError(f"{dataset}: dataset.json lists no 'classes'; regenerate or re-prepare the dataset")
     test, pool = _read_splits(cfg, dataset, tasks, pretrain_subjects)
-    prompt_table = load_prompts(prompts, classes) if "zeroshot" in tasks else None
+    prompt_table = load_prompts(prompts or cfg.eval.prompts, classes) if "zeroshot" in tasks else None
     out_dir = Path(out_dir)
 
     results: dict[str, dict] = {}

@@ -162,17 +162,23 @@ class VisionTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """MAE / timm initialisation: truncated normal 0.02 for linears and the patch
-        embedding (treated as a linear over flattened patches), zero biases, unit LN."""
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        """MAE initialisation: Xavier-uniform for every linear and for the patch
+        embedding (viewed as a linear over flattened patches), zero biases, unit LN,
+        N(0, 0.02) [CLS]. Xavier (rather than timm's N(0, 0.02)) keeps the image content
+        of each token as strong as the fixed position embedding; with N(0, 0.02) the
+        positions dominate and small-data contrastive training collapses."""
+        nn.init.normal_(self.cls_token, std=0.02)
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        weight = self.patch_embed.weight.data
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that optimisers should exclude from weight decay."""

@@ -146,6 +146,29 @@ def read_prompt_file(path: str | Path) -> Prompts:
     return validate_prompts(raw, str(path))
 
 
+def _localised(terms: Sequence[str], severities: Sequence[str], places: Sequence[str]) -> list[str]:
+    """Severity x finding x location sentences, as radiologists describe a present finding
+    (MedCLIP builds its CheXpert prompts the same way: severity, subtype, location)."""
+    return [f"{sev} {term} in the {place}." for sev in severities for term in terms for place in places]
+
+
+_SIDES_ZONES = [f"{side} {zone} zone" for side in ("right", "left") for zone in ("upper", "mid", "lower")]
+_LOBES = ["right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe"]
+
+#: Positive prompts that name where and how much: a present finding is reported with a place
+#: and a degree, so ensembles of such sentences describe "present" better than a bare name.
+LOCALISED_POSITIVES: dict[str, list[str]] = {
+    "Consolidation": _localised(["consolidation", "airspace opacity"], ["patchy", "dense"], _SIDES_ZONES + _LOBES),
+    "Nodule": _localised(["nodule", "nodular opacity"], ["small", "large"], _SIDES_ZONES),
+    "Atelectasis": _localised(["atelectasis"], ["mild", "subsegmental"], _SIDES_ZONES + _LOBES),
+    "Pneumothorax": [f"{sev} {side} pneumothorax." for sev in ("small", "moderate", "large") for side in ("right", "left")],
+    "Pleural Effusion": [f"{sev} {side} pleural effusion." for sev in ("small", "moderate", "large")
+                         for side in ("right", "left", "bilateral")],
+}
+for _name, _extra in LOCALISED_POSITIVES.items():
+    DEFAULT_PROMPTS[_name]["positive"] = DEFAULT_PROMPTS[_name]["positive"] + _extra
+
+
 def load_prompts(path: str | Path | None, classes: Sequence[str]) -> Prompts:
     """Prompts for exactly ``classes`` (in that order): the file's entries over the defaults.
 

@@ -61,6 +61,9 @@ def prepare_tokenizer(cfg, samples, run_dir: Path, resume_from: Path | None):
     if resume_from is not None:
         return load_tokenizer(resume_from / "tokenizer")
     if cfg.model.text.name == "hf":
+        if not Path(cfg.model.text.path).is_dir():
+            raise ConfigError(f"model.text.path: {cfg.model.text.path} is not a folder; point it at a local "
+                              "Hugging Face model folder (config.json, weights and tokenizer files)")
         return load_tokenizer(cfg.model.text.path)
     texts = [s.text(cfg.data.sections) for s in samples if s.has_text]
     if not texts:

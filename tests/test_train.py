@@ -125,3 +125,11 @@ def test_corrupt_image_is_skipped_and_listed(tiny_dataset, tiny_cfg, tmp_path):
     loop.pretrain(cfg)
     listed = (tmp_path / "run" / "skipped.txt").read_text()
     assert victim in listed
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(tiny_cfg):
+    from medvlp.errors import ConfigError
+
+    loop.pretrain(tiny_cfg("train.steps=1"))
+    with pytest.raises(ConfigError, match="already holds checkpoints.*--resume"):
+        loop.pretrain(tiny_cfg("train.steps=1"))

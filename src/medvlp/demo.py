@@ -7,6 +7,7 @@ the equivalent commands so a user can rerun or vary any step.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -47,6 +48,10 @@ def run_demo(out: str | Path, *, config: str | None = None, overrides: list[str]
 
     print(f"[2/3] pre-training CLIP for {cfg.train.steps} steps -> {out / 'run'}")
     print(f"      (same as: medvlp pretrain --config {config_path} data.manifest={data_dir} train.output_dir={out / 'run'})")
+    run_dir = out / "run"
+    if run_dir.exists():  # the demo owns its working folder: a rerun starts afresh
+        print(f"      removing the previous demo run in {run_dir}")
+        shutil.rmtree(run_dir)
     t1 = time.perf_counter()
     ckpt = pretrain(cfg)
     timing["pretrain_s"] = time.perf_counter() - t1

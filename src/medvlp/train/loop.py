@@ -83,6 +83,11 @@ def pretrain(cfg, *, resume: bool = False, device: str | None = None) -> Path:
     resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
     if resume and resume_from is None:
         raise ConfigError(f"--resume: no checkpoint in {run_dir / ckpt.CKPT_DIR}; start without --resume")
+    if not resume and ckpt.latest_checkpoint(run_dir) is not None:
+        raise ConfigError(
+            f"train.output_dir: {run_dir} already holds checkpoints of an earlier run; continue it with --resume, "
+            "or choose another train.output_dir (or delete the folder) to start afresh"
+        )
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

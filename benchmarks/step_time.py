@@ -63,7 +63,7 @@ DIFFERENCES = [
     "ViT image projection: an open_clip (192, 128) Parameter vs a bias-free medvlp Linear (same math)",
     "ViT position embedding: fixed 2-D sin-cos on both sides; open_clip's (sin_cos_2d) also covers [CLS] and is a "
     "frozen Parameter (counted in its total, not trainable), medvlp's covers patches only and is a buffer",
-    "Initialisation differs (open_clip: normal, width^-0.5 scales; medvlp: truncated normal 0.02): no effect on time",
+    "Initialisation differs (open_clip: normal, width^-0.5 scales; medvlp: MAE Xavier-uniform): no effect on time",
     "Text: one BertConfig for both; open_clip AutoModel.from_config, medvlp BertModel(add_pooling_layer=False); "
     "no pooler layer on either side (open_clip hf_pooler_type=cls_last_hidden_state_pooler)",
     "Loss: open_clip ClipLoss vs medvlp ClipLoss (fp32 logits outside autocast; identical-text mask off)",

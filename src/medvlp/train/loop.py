@@ -27,7 +27,7 @@ from medvlp.config import to_dict
 from medvlp.data.loader import Collator, ImageTextDataset, StreamPosition, TrainStream, check_images_exist
 from medvlp.data.manifest import read_info, read_manifest
 from medvlp.data.transforms import Preprocess
-from medvlp.distributed import get_rank, get_world_size, init_distributed, is_main_process
+from medvlp.distributed import init_distributed, is_main_process
 from medvlp.errors import ConfigError, DataError
 from medvlp.hub import build_method
 from medvlp.train import checkpoint as ckpt
@@ -55,7 +55,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def prepare_tokenizer(cfg, samples, run_dir: Path, resume_from: Path | None):
+def prepare_tokenizer(cfg, samples, resume_from: Path | None):
     from medvlp.data.tokenize import load_tokenizer, train_wordpiece
 
     if resume_from is not None:
@@ -95,7 +95,7 @@ def pretrain(cfg, *, resume: bool = False, device: str | None = None) -> Path:
     samples = read_manifest(cfg.data.manifest, [cfg.data.train_split])
     classes = read_info(cfg.data.manifest).get("classes", [])
     check_images_exist(samples)
-    tokenizer = prepare_tokenizer(cfg, samples, run_dir, resume_from)
+    tokenizer = prepare_tokenizer(cfg, samples, resume_from)
 
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg, tokenizer).to(dev)

@@ -28,7 +28,7 @@ def tiny_dataset(tmp_path_factory):
     from medvlp.data.synth import generate
 
     out = tmp_path_factory.mktemp("synth")
-    generate(out, subjects=24, studies_per_subject=(1, 3), image_size=32, seed=0, progress=False)
+    generate(out, subjects=48, studies_per_subject=(1, 3), image_size=32, seed=0, progress=False)
     return out
 
 

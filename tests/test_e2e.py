@@ -33,7 +33,7 @@ def test_evaluate_refuses_subject_overlap(tmp_path, tiny_dataset, capsys):
     assert main(["pretrain", "--config", "configs/experiments/demo.yaml", *TINY, f"data.manifest={tiny_dataset}",
                  f"train.output_dir={run}", "train.steps=1"]) == 0
     capsys.readouterr()
-    code = main(["evaluate", str(run), "--out", str(tmp_path / "eval"), "--overrides", "eval.split=train"])
+    code = main(["evaluate", str(run), "--out", str(tmp_path / "eval"), "--overrides", "eval.split=pretrain"])
     assert code == 1
     err = capsys.readouterr().err
     assert "also appear in the pre-training data" in err and "Fix:" in err

@@ -118,7 +118,7 @@ def test_checkpoint_is_safetensors_and_json_only(tiny_cfg):
 def test_corrupt_image_is_skipped_and_listed(tiny_dataset, tiny_cfg, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset, data)
-    victim = read_manifest(data, ["train"])[0].image
+    victim = read_manifest(data, ["pretrain"])[0].image
     with open(victim, "wb") as fh:
         fh.write(b"not a png")
     cfg = tiny_cfg(f"data.manifest={data}", "train.steps=8")

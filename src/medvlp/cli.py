@@ -21,11 +21,18 @@ def _add_synth(sub) -> None:
                        description="Generate synthetic chest radiographs with known findings, templated reports, "
                                    "CheXpert-style labels and subject-level splits, as PNG files + manifest.jsonl.")
     p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument("--subjects", type=int, default=200, help="number of synthetic subjects (default 200)")
-    p.add_argument("--studies", type=int, nargs=2, default=(1, 4), metavar=("MIN", "MAX"),
-                   help="studies per subject, inclusive range (default 1 4)")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--preset", choices=["small", "standard", "large"], default=None,
+                   help="benchmark size: small (smoke set, seconds), standard (the frozen benchmark, minutes), "
+                        "large (100k+ images); explicit size flags override it")
+    p.add_argument("--subjects", type=int, default=None, help="number of synthetic subjects (default 200, or the preset's)")
+    p.add_argument("--studies", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="studies per subject, inclusive range (default 1 4, or the preset's)")
+    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default 64, or the preset's)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    p.add_argument("--workers", type=int, default=0, help="parallel rendering processes (default 0 = one per core)")
+    p.add_argument("--shards", action="store_true", help="also write webdataset-style tar shards under OUT/shards")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--no-masks", action="store_true", help="do not write the per-finding mask images")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -85,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_synth(args) -> int:
     from medvlp.data.synth import generate
 
-    path = generate(args.out, subjects=args.subjects, studies_per_subject=tuple(args.studies),
-                    image_size=args.image_size, seed=args.seed, progress=not args.no_progress)
+    path = generate(args.out, preset=args.preset, subjects=args.subjects,
+                    studies_per_subject=tuple(args.studies) if args.studies else None, image_size=args.image_size,
+                    seed=args.seed, workers=args.workers, shards=args.shards, shard_size=args.shard_size,
+                    masks=not args.no_masks, progress=not args.no_progress)
     print(f"wrote {path}")
     return 0
 

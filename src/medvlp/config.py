@@ -69,11 +69,33 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of the mixed pre-training stream: a split of the manifest used as
+    ``paired`` (image + report), ``unpaired`` (image only: report and labels withheld) or
+    ``labeled`` (image + labels: report withheld) samples, drawn with relative ``weight``."""
+
+    split: str = "train"
+    kind: Literal["paired", "unpaired", "labeled"] = "paired"
+    weight: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        if not self.weight > 0:
+            raise ConfigError(f"{prefix}.weight: must be > 0, got {self.weight!r} (drop the source instead)")
+
+
+@dataclass
 class DataConfig:
-    """Where pre-training data come from and how images are preprocessed."""
+    """Where pre-training data come from and how images are preprocessed.
+
+    ``sources`` mixes several splits into one stream (see :mod:`medvlp.data.mixed`); when it
+    is empty the stream is ``train_split`` as paired samples. ``paired_labels`` says whether
+    paired samples keep the manifest's labels (``manifest``) or train without (``none``).
+    """
 
     manifest: Optional[str] = None
     train_split: str = "train"
+    sources: list[SourceConfig] = field(default_factory=list)
+    paired_labels: Literal["manifest", "none"] = "manifest"
     val_split: str = "val"
     sections: list[str] = field(default_factory=lambda: ["findings", "impression"])
     mean: float = 0.5
@@ -105,6 +127,9 @@ class TrainConfig:
     threads: int = 0
     progress: bool = True
     tensorboard: bool = True
+    # wall-clock budget of the training steps, summed over resumes (0: none); when reached the
+    # loop saves a checkpoint and stops early, marking trainer_state.json "time_limited": true
+    time_limit_minutes: float = 0.0
 
 
 @dataclass
@@ -309,6 +334,8 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
     if t.name == "hf" and not t.path:
         raise ConfigError("model.text.path: required when model.text.name is 'hf' (a Hugging Face model directory)")
     _positive("train", tr, "steps", "lr", "accum_steps", "log_every")
+    if tr.time_limit_minutes < 0:
+        raise ConfigError(f"train.time_limit_minutes: must be >= 0 (0 means no limit), got {tr.time_limit_minutes}")
     _positive("data", cfg.data, "batch_size", "std")
     if not 0 <= tr.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio: must be within [0, 1], got {tr.min_lr_ratio}")

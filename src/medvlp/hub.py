@@ -55,6 +55,9 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu", weights
         raise CheckpointError(f"{path / 'config.json'}: unreadable ({exc})") from None
     raw = copy.deepcopy(config["experiment"])
     cfg = build_config(raw)
+    if hasattr(cfg.method, "classes") and not cfg.method.classes:
+        # a classification head is sized by the classes it was trained on, not today's dataset.json
+        cfg.method.classes = list(config["classes"])
     if cfg.model.text.name == "hf":
         cfg.model.text.path = str(path / "text_config")
     tokenizer = load_tokenizer(path / "tokenizer")

@@ -1,9 +1,10 @@
-"""From samples to :class:`~medvlp.data.sample.Batch` objects: dataset, order, collation.
+"""From samples to :class:`~medvlp.data.sample.Batch` objects: dataset and collation.
 
-Training order is a pure function of (seed, epoch): each epoch is a seeded permutation
-cut into full batches (the last partial batch is dropped), split across ranks so each
-sample of an epoch goes to exactly one rank. A run resumed at (epoch, batch) therefore
-sees exactly the batches the uninterrupted run would have seen.
+The training order (which samples make each batch, on which rank) lives in
+:mod:`medvlp.data.mixed`; this module reads images and collates. The collator applies
+each sample's *kind* (paired / unpaired / labeled): what an unpaired or label-only
+sample may not carry (its report, its labels) is withheld here, in one place, and the
+per-sample flags of the batch say what is left.
 
 A sample whose image cannot be read is skipped and reported in ``Batch.skipped``
 (the training loop counts and lists them); a missing file is an error up front,
@@ -12,8 +13,7 @@ because it nearly always means a wrong dataset root.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -28,7 +28,11 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class ImageTextDataset(Dataset):
-    """Returns ``(index, image tensor or None, error or None)`` for each sample."""
+    """Returns ``(index, image tensor or None, error or None)`` for each sample.
+
+    A key is a sample index, or ``(index, epoch)`` from a training stream: augmentation is
+    seeded by (seed, epoch, index), so it differs between epochs and repeats on resume.
+    """
 
     def __init__(self, samples: Sequence[Sample], pre: Preprocess, *, train: bool, augment: bool, seed: int = 0):
         self.samples = list(samples)
@@ -41,28 +45,40 @@ class ImageTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         sample = self.samples[index]
         try:
             x = to_tensor(load_image(sample.image), self.pre)
         except DataError as exc:
             return index, None, str(exc)
         if self.augment:
-            gen = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
+            gen = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, index))
             x = augment(x, gen)
         return index, normalize(x, self.pre), None
 
 
 class Collator:
-    """Stacks images, tokenises reports and encodes labels and per-sample flags."""
+    """Stacks images, tokenises reports and encodes labels and per-sample flags.
+
+    ``kinds`` (aligned with ``samples``; default all ``paired``) withholds what a sample's
+    source may not carry: ``unpaired`` samples lose report and labels, ``labeled`` samples
+    their report; ``paired_labels="none"`` also drops the labels of paired samples.
+    """
 
     def __init__(self, samples: Sequence[Sample], tokenizer, classes: Sequence[str], *, max_length: int,
-                 sections: Sequence[str] = ("findings", "impression")):
+                 sections: Sequence[str] = ("findings", "impression"), kinds: Sequence[str] | None = None,
+                 paired_labels: str = "manifest"):
         self.samples = samples
         self.tokenizer = tokenizer
         self.classes = list(classes)
         self.max_length = max_length
         self.sections = tuple(sections)
+        self.kinds = kinds
+        self.paired_labels = paired_labels
+
+    def _kind(self, index: int) -> str:
+        return self.kinds[index] if self.kinds is not None else "paired"
 
     def __call__(self, items) -> Batch:
         from medvlp.data.tokenize import encode_texts
@@ -72,11 +88,15 @@ class Collator:
         if not kept:
             raise DataError("every image of a batch was unreadable:\n  " + "\n  ".join(skipped))
         samples = [self.samples[i] for i, _ in kept]
-        texts = [s.text(self.sections) for s in samples]
+        kinds = [self._kind(i) for i, _ in kept]
+        texts = [s.text(self.sections) if k == "paired" else "" for s, k in zip(samples, kinds)]
         enc = encode_texts(self.tokenizer, texts, self.max_length)
-        labels = torch.tensor([s.label_vector(self.classes) for s in samples], dtype=torch.long).reshape(len(samples), -1)
+        no_labels = [MISSING] * len(self.classes)
+        keep_labels = [k == "labeled" or (k == "paired" and self.paired_labels == "manifest") for k in kinds]
+        labels = torch.tensor([s.label_vector(self.classes) if keep else no_labels
+                               for s, keep in zip(samples, keep_labels)], dtype=torch.long).reshape(len(samples), -1)
         has_text = torch.tensor([bool(t) for t in texts])
-        batch = Batch(
+        return Batch(
             images=torch.stack([x for _, x in kept]),
             input_ids=enc["input_ids"],
             attention_mask=enc["attention_mask"],
@@ -90,7 +110,6 @@ class Collator:
             texts=texts,
             skipped=skipped,
         )
-        return batch
 
 
 def check_images_exist(samples: Sequence[Sample], limit: int = 5) -> None:
@@ -102,53 +121,8 @@ def check_images_exist(samples: Sequence[Sample], limit: int = 5) -> None:
         )
 
 
-def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
-    """This rank's batches of one epoch: a seeded permutation cut into global batches of
-    ``batch_size * world`` samples (last partial batch dropped), each split across ranks."""
-    global_bs = batch_size * world
-    if n < global_bs:
-        raise DataError(
-            f"the training split has {n} samples, fewer than one global batch ({batch_size} x {world} ranks); "
-            "lower data.batch_size or add data"
-        )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_sample_seed(seed, epoch, 0))).tolist()
-    n_batches = n // global_bs
-    return [perm[b * global_bs + rank * batch_size : b * global_bs + (rank + 1) * batch_size] for b in range(n_batches)]
-
-
-@dataclass
-class StreamPosition:
-    epoch: int = 0
-    batch: int = 0  # index of the next batch within the epoch
-
-
-class TrainStream:
-    """Endless, resumable stream of training batches."""
-
-    def __init__(self, dataset: ImageTextDataset, collate: Collator, batch_size: int, *, seed: int, num_workers: int = 0,
-                 rank: int = 0, world: int = 1, position: Optional[StreamPosition] = None):
-        self.dataset, self.collate = dataset, collate
-        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
-        self.rank, self.world = rank, world
-        self.position = position or StreamPosition()
-        self.batches_per_epoch = len(epoch_batches(len(dataset), batch_size, seed=seed, epoch=0, rank=rank, world=world))
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            pos = self.position
-            self.dataset.epoch = pos.epoch
-            batches = epoch_batches(len(self.dataset), self.batch_size, seed=self.seed, epoch=pos.epoch,
-                                    rank=self.rank, world=self.world)[pos.batch:]
-            loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate,
-                                num_workers=self.num_workers, persistent_workers=False)
-            for batch in loader:
-                pos.batch += 1
-                yield batch
-            self.position = StreamPosition(pos.epoch + 1, 0)
-
-
 def make_loader(samples: Sequence[Sample], cfg, tokenizer, classes: Sequence[str], *, train: bool = False,
-                batch_size: Optional[int] = None) -> DataLoader:
+                batch_size: int | None = None) -> DataLoader:
     """A plain in-order loader (evaluation); no augmentation, no dropped samples."""
     check_images_exist(samples)
     pre = Preprocess.from_config(cfg)

@@ -100,6 +100,14 @@ DEFAULT_PROMPTS: Prompts = {
         ["support devices are present.", "an endotracheal tube is in place.", "a central venous catheter is seen."],
         ["no support devices.", "no lines or tubes.", "no medical devices are seen."],
     ),
+    "Calcified Granuloma": _p(
+        ["calcified granuloma.", "there is a calcified granuloma.", "a small calcified nodule is seen."],
+        ["no calcified granuloma.", "no calcified nodules.", "no granulomas are seen."],
+    ),
+    "Scoliosis": _p(
+        ["scoliosis.", "there is scoliosis of the thoracic spine.", "the thoracic spine is curved."],
+        ["no scoliosis.", "the thoracic spine is straight.", "normal alignment of the spine."],
+    ),
     "Emphysema": _p(
         ["emphysema.", "the lungs are hyperinflated.", "emphysematous changes are present."],
         ["no emphysema.", "the lungs are not hyperinflated.", "no emphysematous changes."],

@@ -10,6 +10,10 @@ and ``encode_text(input_ids, attention_mask)`` (L2-normalised, shared space),
 ``image_features(images)`` (un-normalised encoder features for the linear probe; when
 absent the probe falls back to ``encode_image`` and says so in the results) and a
 ``logit_scale`` parameter holding log(1/tau) (zero-shot uses its exp, clamped to 100).
+An image-only model (``supports_text = False``) gets only the image tasks; the skipped
+ones are listed in its ``meta.skipped_tasks``. A model with a classification head
+(``head_classes`` and ``classify_features(features) -> logits``) also gets the head's own
+test AUROC as ``supervised_head``, on the classes the head and the dataset share.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from medvlp.data.manifest import read_info, read_manifest
 from medvlp.data.sample import Sample, hash_subject
 from medvlp.errors import DataError, EvaluationError
 from medvlp.eval.linear_probe import evaluate_linear_probe
+from medvlp.eval.metrics import auroc_per_class
 from medvlp.eval.prompts import load_prompts
 from medvlp.eval.report import write_report
 from medvlp.eval.retrieval import evaluate_retrieval
@@ -228,16 +233,44 @@ def evaluate_models(
     return results
 
 
+@torch.no_grad()
+def evaluate_head(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
+                  device: torch.device | str = "cpu") -> dict:
+    """AUROC of a model's own classification head on (N, D) features, matched to the
+    dataset's ``classes`` by name (classes only one side has are listed, not scored)."""
+    head_classes = list(model.head_classes)
+    common = [c for c in head_classes if c in classes]
+    if not common:
+        raise EvaluationError(f"the model's head predicts {head_classes}, none of the dataset's classes {list(classes)}")
+    logits = model.classify_features(features.to(device)).float().cpu()
+    scores = logits[:, [head_classes.index(c) for c in common]]
+    out = auroc_per_class(scores, labels[:, [list(classes).index(c) for c in common]], common)
+    out["not_scored"] = {"head_only": [c for c in head_classes if c not in classes],
+                         "dataset_only": [c for c in classes if c not in head_classes]}
+    return out
+
+
 def _evaluate_one(name: str, model: nn.Module, tokenizer, cfg, classes: list[str], tasks: list[str],
                   test: list[Sample], pool: list[Sample] | None, prompt_table, out_dir: Path, *,
                   device, progress: bool, overlap_checked: bool) -> dict:
+    skipped = {}
+    if not getattr(model, "supports_text", True):
+        skipped = {t: "image-only model (no text encoder)" for t in tasks if t in ("zeroshot", "retrieval")}
+        tasks = [t for t in tasks if t not in skipped]
+        if skipped:
+            log.warning("%s: %s skipped: an image-only model has no text encoder", name, ", ".join(skipped))
     probe = "linear_probe" in tasks
+    has_head = hasattr(model, "classify_features") and hasattr(model, "head_classes")
     emb = embed_split(model, tokenizer, test, cfg, classes, device=device, images=True,
-                      texts="retrieval" in tasks, features=probe, progress=progress,
+                      texts="retrieval" in tasks, features=probe or has_head, progress=progress,
                       desc=f"{name}: {cfg.eval.split}")
     scale = zero_shot_logit_scale(model)
     out: dict = {"meta": {"split": cfg.eval.split, "n_test": len(emb.ids), "classes": list(classes),
                           "pretrain_overlap_checked": overlap_checked}}
+    if skipped:
+        out["meta"]["skipped_tasks"] = skipped
+    if has_head:
+        out["supervised_head"] = evaluate_head(model, emb.features, emb.labels, classes, device)
     if "zeroshot" in tasks:
         encode = make_text_encoder(model, tokenizer, cfg, device)
         out["zeroshot"] = evaluate_zero_shot(emb.image_emb, encode, emb.labels, classes, prompt_table, scale)

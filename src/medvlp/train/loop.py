@@ -4,12 +4,17 @@
   ``train.accum_steps`` micro-batches, so the global batch is batch_size x world x accum.
   (Contrastive negatives come from a micro-batch gathered across ranks, not from the
   accumulated batch.)
-- Randomness: one seed. The data order and augmentation are functions of (seed, epoch,
-  index); the torch RNG (dropout, masking noise) is re-seeded from (seed, rank, step,
+- Data: the mixed-source stream of :mod:`medvlp.data.mixed` (``data.sources``, or
+  ``data.train_split`` as paired samples); its state is one integer, the batches consumed.
+- Randomness: one seed. The data order and augmentation are functions of (seed, source,
+  source epoch, position); the torch RNG (dropout, masking noise) is re-seeded from (seed, rank, step,
   micro-batch) before every forward pass. Resuming therefore continues exactly, with no RNG state to carry.
 - Precision: ``auto`` is bf16 autocast on CUDA devices that support it and fp32 on CPU;
   ``bf16`` autocast is also available on CPU; ``fp16`` uses a gradient scaler (CUDA).
 - Checkpoints every ``train.save_every`` steps and at the end (see ``checkpoint.py``).
+- Time limit: with ``train.time_limit_minutes`` > 0 the loop stops once the training steps
+  (summed over resumes) have run that long, saving a checkpoint whose ``trainer_state.json``
+  says ``"time_limited": true``; a budgeted comparison then evaluates what was reached.
 """
 from __future__ import annotations
 
@@ -24,8 +29,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from medvlp.config import to_dict
-from medvlp.data.loader import Collator, ImageTextDataset, StreamPosition, TrainStream, check_images_exist
-from medvlp.data.manifest import read_info, read_manifest
+from medvlp.data.manifest import read_info
+from medvlp.data.mixed import MixedStream, read_sources
 from medvlp.data.transforms import Preprocess
 from medvlp.distributed import init_distributed, is_main_process
 from medvlp.errors import ConfigError, DataError
@@ -38,6 +43,15 @@ from medvlp.train.optim import build_optimizer, build_scheduler
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     """The torch RNG seed of one micro-batch: dropout and masking noise depend only on it."""
     return (seed * 1_000_003 + rank * 100_003 + step * 101 + micro) % (2**63 - 1)
+
+
+def _all_agree(flag: bool, world: int, dev: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank: ranks must stop at the same step or the next collective hangs."""
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=dev)
+    torch.distributed.broadcast(value, 0)
+    return bool(value.item())
 
 
 def run_dir_for(cfg) -> Path:
@@ -92,40 +106,42 @@ def pretrain(cfg, *, resume: bool = False, device: str | None = None) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    samples = read_manifest(cfg.data.manifest, [cfg.data.train_split])
+    sources = read_sources(cfg)
     classes = read_info(cfg.data.manifest).get("classes", [])
-    check_images_exist(samples)
-    tokenizer = prepare_tokenizer(cfg, samples, resume_from)
+    paired = [s for src in sources if src.kind == "paired" for s in src.samples]
+    tokenizer = prepare_tokenizer(cfg, paired, resume_from)
 
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg, tokenizer).to(dev)
     optimizer = build_optimizer(method, cfg.train, dev)
     scheduler = build_scheduler(optimizer, cfg.train)
-    step, position = 0, StreamPosition()
+    step, position, train_seconds = 0, 0, 0.0
     if resume_from is not None:
         ckpt.load_weights(method, resume_from)
         state = ckpt.load_training_state(resume_from, optimizer, scheduler)
-        step, position = state["step"], StreamPosition(**state["position"])
+        step, position = state["step"], int(state["position"]["batch"])
+        train_seconds = float(state.get("train_seconds", 0.0))
     model = method
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(method, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     pre = Preprocess.from_config(cfg)
-    dataset = ImageTextDataset(samples, pre, train=True, augment=cfg.data.augment, seed=cfg.train.seed)
-    collate = Collator(samples, tokenizer, classes, max_length=cfg.model.text.max_length, sections=cfg.data.sections)
-    stream = TrainStream(dataset, collate, cfg.data.batch_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                         rank=rank, world=world, position=position)
+    stream = MixedStream(sources, pre, tokenizer, classes, batch_size=cfg.data.batch_size,
+                         max_length=cfg.model.text.max_length, sections=cfg.data.sections, seed=cfg.train.seed,
+                         augment=cfg.data.augment, paired_labels=cfg.data.paired_labels,
+                         num_workers=cfg.data.num_workers, rank=rank, world=world, position=position)
     amp_dtype = resolve_precision(cfg.train.precision, dev)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     logger = RunLogger(run_dir, enabled=is_main_process(), tensorboard=cfg.train.tensorboard)
-    subjects = sorted({s.subject_id for s in samples})
+    subjects = sorted({s.subject_id for src in sources for s in src.samples})
 
     def save(at_step: int) -> Path:
         path = run_dir / ckpt.CKPT_DIR / f"step_{at_step:08d}"
         if is_main_process():
             ckpt.save_checkpoint(path, model=method, cfg=cfg, tokenizer=tokenizer, classes=classes,
                                  preprocess=pre.to_dict(), pretrain_subjects=subjects, optimizer=optimizer,
-                                 scheduler=scheduler, trainer_state={"step": at_step, "position": vars(stream.position).copy()})
+                                 scheduler=scheduler, trainer_state={"step": at_step, "position": {"batch": stream.position},
+                                                                     "train_seconds": elapsed(), "time_limited": time_limited})
             ckpt.prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
         if world > 1:
             torch.distributed.barrier()
@@ -138,7 +154,20 @@ def pretrain(cfg, *, resume: bool = False, device: str | None = None) -> Path:
     method.train()
     t_last, steps_since = time.perf_counter(), 0
     last_path = None
+    limit_s, t_start, time_limited = cfg.train.time_limit_minutes * 60, time.perf_counter(), False
+
+    def elapsed() -> float:
+        return train_seconds + time.perf_counter() - t_start
+
     while step < cfg.train.steps:
+        if limit_s and _all_agree(elapsed() >= limit_s, world, dev):
+            time_limited = True
+            logger.log(step, {"time_limited": 1.0, "train_seconds": elapsed()})
+            if is_main_process():
+                print(f"medvlp: train.time_limit_minutes={cfg.train.time_limit_minutes:g} reached at step {step} "
+                      f"of {cfg.train.steps}; saving and stopping")
+            last_path = save(step)
+            break
         terms: dict[str, float] = {}
         for micro in range(cfg.train.accum_steps):
             batch = next(batches)
@@ -177,7 +206,7 @@ def pretrain(cfg, *, resume: bool = False, device: str | None = None) -> Path:
             sps = steps_since * global_batch / max(now - t_last, 1e-9)
             t_last, steps_since = now, 0
             logger.log(step, {**terms, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "samples_per_s": sps,
-                              "epoch": stream.position.epoch})
+                              **{f"epoch/{k}": v for k, v in stream.epochs().items()}})
             bar.set_postfix(loss=f"{terms['loss']:.4f}", samples_s=f"{sps:.0f}")
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps:
             last_path = save(step)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 SIDE_SIGN = {"right": -1.0, "left": 1.0}  # patient side -> image x direction (PA view)
+SPINE = 0.16  # extra attenuation of the vertebral column
+RIB = 0.065  # extra attenuation of a posterior rib
 TISSUE = 0.45  # attenuation of soft tissue; everything else is relative to it
 LUNG_AIR = 0.31  # how much air lowers attenuation inside the lungs
 MARKING_AMPLITUDE = 0.14
@@ -150,11 +152,39 @@ def heart_mask(anat: Anatomy, x: np.ndarray, y: np.ndarray, px: float, ctr: floa
     return soft_inside(ellipse_distance(x, y, cx, cy, hw, hh, power=2.0), px)
 
 
+def heart_top(anat: Anatomy) -> float:
+    """y of the top of a normal heart (the base of the great vessels)."""
+    return anat.dome_left + 0.14 - 2.0 * anat.heart_half_height
+
+
+def carina_y(anat: Anatomy) -> float:
+    """y of the tracheal carina, a little above the aortic knob; device tips are placed from it."""
+    return heart_top(anat) - 0.14
+
+
+CM = 0.05  # one centimetre in normalised units (the inner thorax is ~30 cm across)
+
+
+def spine_mask(x: np.ndarray, y: np.ndarray, px: float, center: np.ndarray | float = 0.0) -> np.ndarray:
+    """Vertebral column around ``center`` (x of the spine's axis at each y), with end plates."""
+    return soft_inside(np.abs(x - center) - 0.065, px) * (0.8 + 0.2 * np.cos(2 * np.pi * y / 0.13))
+
+
+def rib_center_y(anat: Anatomy, k: int, x: np.ndarray | float) -> np.ndarray | float:
+    """y of the centre line of posterior rib ``k`` (0 = highest drawn) at x (see ``_ribs``)."""
+    u = np.abs(x) / anat.thorax_half_width
+    return anat.rib_start + k * anat.rib_spacing - 0.06 * u + 0.42 * u * u
+
+
+def rib_half_thickness(anat: Anatomy, x: np.ndarray | float) -> np.ndarray | float:
+    return 0.024 + 0.010 * np.abs(x) / anat.thorax_half_width
+
+
 def _mediastinum(anat: Anatomy, x: np.ndarray, y: np.ndarray, px: float) -> np.ndarray:
-    heart_top = anat.dome_left + 0.14 - 2.0 * anat.heart_half_height
-    half_width = 0.11 + 0.05 * np.clip((y - anat.lung_top) / (heart_top - anat.lung_top), 0.0, 1.0)
+    top = heart_top(anat)
+    half_width = 0.11 + 0.05 * np.clip((y - anat.lung_top) / (top - anat.lung_top), 0.0, 1.0)
     band = soft_inside(np.abs(x - 0.01) - half_width, px)
-    knob = soft_inside(ellipse_distance(x, y, 0.14, heart_top - 0.04, 0.075, 0.065), px)
+    knob = soft_inside(ellipse_distance(x, y, 0.14, top - 0.04, 0.075, 0.065), px)
     return np.maximum(band, knob)
 
 
@@ -164,16 +194,17 @@ def _ribs(anat: Anatomy, x: np.ndarray, y: np.ndarray, px: float) -> np.ndarray:
     # Ribs are parallel copies of one arc: find the nearest rib of each point, then its band.
     offset = y + 0.06 * u - 0.42 * u * u - anat.rib_start
     nearest = np.clip(np.round(offset / anat.rib_spacing), 0, 9)
-    thickness = 0.024 + 0.010 * u  # ribs widen laterally
+    thickness = rib_half_thickness(anat, x)  # ribs widen laterally
     band = np.exp(-(((offset - nearest * anat.rib_spacing) / thickness) ** 4))
     return band * soft_inside(u - 1.08, px) * soft_inside(0.05 - np.abs(x), px)
 
 
-def _clavicles(anat: Anatomy, x: np.ndarray, y: np.ndarray, px: float) -> np.ndarray:
+def _clavicles(anat: Anatomy, x: np.ndarray, y: np.ndarray, px: float, lift: float = 0.0) -> np.ndarray:
+    """Clavicles; ``lift`` > 0 raises their lateral ends (the lordotic look of AP films)."""
     out = np.zeros_like(x)
     for s in (-1.0, 1.0):
-        p0 = (s * 0.07, anat.lung_top + 0.02)
-        p1 = (s * (anat.thorax_half_width + 0.05), anat.lung_top - 0.13)
+        p0 = (s * 0.07, anat.lung_top + 0.02 - 0.3 * lift)
+        p1 = (s * (anat.thorax_half_width + 0.05), anat.lung_top - 0.13 - lift)
         out = np.maximum(out, soft_inside(segment_distance(x, y, p0, p1) - 0.035, px))
     return out
 
@@ -204,7 +235,8 @@ class AnatomyLayers:
     heart: np.ndarray
 
 
-def render_anatomy(anat: Anatomy, x: np.ndarray, y: np.ndarray, px: float, ctr: float) -> AnatomyLayers:
+def render_anatomy(anat: Anatomy, x: np.ndarray, y: np.ndarray, px: float, ctr: float,
+                   clavicle_lift: float = 0.0) -> AnatomyLayers:
     """Attenuation of a normal chest with heart size ``ctr`` on the (anatomical) grid x, y."""
     body = soft_inside(ellipse_distance(x, y, 0.0, 0.25, anat.body_half_width, 1.45, power=4.0), px)
     heart = heart_mask(anat, x, y, px, ctr)
@@ -213,7 +245,7 @@ def render_anatomy(anat: Anatomy, x: np.ndarray, y: np.ndarray, px: float, ctr: 
     lungs = {side: lung_shape(anat, side, x, y, px) * (1.0 - central) for side in SIDE_SIGN}
     diaphragm = np.where(x < 0, diaphragm_y(anat, "right", x), diaphragm_y(anat, "left", x))
     abdomen = body * soft_inside(diaphragm - y, px)
-    spine = soft_inside(np.abs(x) - 0.065, px) * (0.8 + 0.2 * np.cos(2 * np.pi * y / 0.13))
+    spine = spine_mask(x, y, px)
 
     density = TISSUE * body
     density = density + np.maximum.reduce([0.16 * heart, 0.14 * mediastinum, 0.10 * abdomen])
@@ -223,8 +255,8 @@ def render_anatomy(anat: Anatomy, x: np.ndarray, y: np.ndarray, px: float, ctr: 
         bubble = soft_inside(ellipse_distance(x, y, 0.38, anat.dome_left + 0.13, 0.09, 0.05), px)
         density = density - 0.2 * bubble * abdomen
     # Ribs are faint behind the dense mediastinum, as on a well-penetrated film.
-    density = density + 0.16 * spine * body + 0.065 * _ribs(anat, x, y, px) * body * (1.0 - 0.7 * central)
-    density = density + 0.14 * _clavicles(anat, x, y, px) * body
+    density = density + SPINE * spine * body + RIB * _ribs(anat, x, y, px) * body * (1.0 - 0.7 * central)
+    density = density + 0.14 * _clavicles(anat, x, y, px, clavicle_lift) * body
     markings = np.zeros_like(x)
     for side, half in (("right", x < 0), ("left", x >= 0)):  # each side's vessels on its half only
         markings[half] = MARKING_AMPLITUDE * _markings(anat, side, x[half], y[half])

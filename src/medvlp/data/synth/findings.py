@@ -1,37 +1,74 @@
-"""Findings of SynthCXR: what can be wrong, how often, where, and how each is drawn.
+"""Findings of SynthCXR: what can be wrong, how often, and where (sampling only).
 
-Cardiomegaly and nodules are *chronic*: drawn once per subject and present, unchanged, in
-every study of that subject. Effusion, consolidation and pneumothorax are *acute*: drawn per
-study. Prevalences are ~20-30% each with a built-in co-occurrence (effusion is likelier with
-cardiomegaly), and findings are placed in lung cells (side x zone) so that no finding hides
-another: a lower-zone nodule is never under an effusion, a pneumothorax never overlies a
-consolidation, and so on. Every finding visible in the image is therefore true in the label.
+How each finding is drawn lives in :mod:`.lesions` (lung, heart and bone findings) and
+:mod:`.devices` (lines, tubes, pacemakers, sternotomy wires).
 
-Each renderer edits a :class:`Canvas` in anatomical coordinates and returns the finding's
-soft mask (0..1), which becomes the ground-truth region (bounding box now, masks later).
+*Chronic* findings are drawn once per subject and persist, unchanged, in every study of that
+subject: cardiomegaly, nodule, calcified granuloma, scoliosis, and the implanted devices
+(pacemaker / ICD, sternotomy wires). *Acute* findings are drawn per study: effusion,
+consolidation, atelectasis, edema, pneumothorax, rib fracture and the ICU devices
+(endotracheal tube, central line / PICC, enteric tube). An "ICU" study (p=0.06) carries
+lines and tubes and makes edema, effusion, atelectasis and consolidation likelier; effusion
+and edema are likelier with cardiomegaly. Resulting per-study prevalences (20k sampled
+studies, seed 0; ``tests/test_synth_findings.py`` checks the ranges in :data:`PREVALENCE`):
+
+======================  =========  ======================  =========
+Cardiomegaly            ~13%       Calcified Granuloma     ~8%
+Pleural Effusion        ~15%       Pneumothorax            ~7%
+Consolidation           ~11%       Scoliosis               ~8%
+Atelectasis             ~11%       Support Devices         ~15%
+Edema                   ~8%        Fracture                ~6%
+Nodule                  ~8%        No Finding              ~35%
+======================  =========  ======================  =========
+
+Findings are placed in lung cells (side x zone) so that no finding hides another (a nodule
+is never under an effusion, a pneumothorax never overlies a consolidation, ...): every
+labelled finding is visible. Edema, cardiomegaly, scoliosis and devices occupy no cell
+(they are diffuse, central or drawn on top); a rib fracture may share cells with a
+pneumothorax, since the rib stays visible through the air.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from medvlp.data.synth.anatomy import (
-    SIDE_SIGN, TISSUE, Anatomy, heart_mask, lung_shape, soft_inside,
+    SIDE_SIGN,
+    Anatomy,
+    heart_mask,
+    lung_shape,
+    rib_center_y,
 )
+from medvlp.data.synth.devices import sample_acute_devices, sample_chronic_devices
 
-CLASSES = ["No Finding", "Cardiomegaly", "Pleural Effusion", "Consolidation", "Nodule", "Pneumothorax"]
+CLASSES = ["No Finding", "Cardiomegaly", "Pleural Effusion", "Consolidation", "Atelectasis", "Edema",
+           "Nodule", "Calcified Granuloma", "Pneumothorax", "Scoliosis", "Support Devices", "Fracture"]
 ZONES = ("upper", "mid", "lower")
 # Fraction of the apex-to-dome height spanned by each zone's centres.
 ZONE_RANGE = {"upper": (0.15, 0.33), "mid": (0.42, 0.58), "lower": (0.68, 0.82)}
+# Documented per-study prevalence ranges (fractions), checked on sampled studies.
+PREVALENCE = {
+    "No Finding": (0.28, 0.42), "Cardiomegaly": (0.10, 0.16), "Pleural Effusion": (0.10, 0.17),
+    "Consolidation": (0.08, 0.14), "Atelectasis": (0.07, 0.13), "Edema": (0.05, 0.10),
+    "Nodule": (0.06, 0.10), "Calcified Granuloma": (0.06, 0.10), "Pneumothorax": (0.045, 0.08),
+    "Scoliosis": (0.06, 0.10), "Support Devices": (0.09, 0.16), "Fracture": (0.045, 0.08),
+}
+SUBTLE = ("small", "mild")  # severities a report may hedge ("possible", "cannot be excluded")
+AP_HEART = 1.12  # the largest apparent heart magnification (AP films), for safe placement
 
 CARDIOMEGALY_CTR = {"mild": (0.55, 0.59), "moderate": (0.59, 0.64), "severe": (0.64, 0.70)}
-NODULE_RADIUS = {"small": (0.065, 0.085), "large": (0.09, 0.12)}  # fraction of half width
+NODULE_RADIUS = {"small": (0.055, 0.075), "large": (0.08, 0.11)}  # fraction of half width
+GRANULOMA_RADIUS = (0.018, 0.032)  # smaller than a nodule, much denser
 # (medial fluid level above the dome, extra meniscus height at the chest wall)
-EFFUSION_LEVEL = {"small": (0.08, 0.24), "moderate": (0.20, 0.22), "large": (0.40, 0.22)}
-CONSOLIDATION_SIZE = {"small": (0.05, 0.08), "moderate": (0.07, 0.11), "large": (0.09, 0.15)}  # blob sigma, spread
-PNEUMOTHORAX_COLLAPSE = {"small": (0.18, 0.24), "moderate": (0.26, 0.33), "large": (0.36, 0.46)}
+EFFUSION_LEVEL = {"small": (0.07, 0.20), "moderate": (0.20, 0.22), "large": (0.40, 0.22)}
+CONSOLIDATION_SIZE = {"small": (0.05, 0.07), "moderate": (0.07, 0.11), "large": (0.09, 0.15)}  # blob sigma, spread
+PNEUMOTHORAX_COLLAPSE = {"small": (0.16, 0.22), "moderate": (0.25, 0.32), "large": (0.36, 0.46)}
+ATELECTASIS_KIND = {"mild": "plate", "moderate": "segmental", "severe": "lobar"}
+EDEMA_HAZE = {"mild": 0.035, "moderate": 0.07, "severe": 0.12}
+SCOLIOSIS_AMPLITUDE = {"mild": (0.04, 0.06), "moderate": (0.07, 0.10), "severe": (0.11, 0.15)}
+# Pairs of findings that may share a lung cell: a rib stays visible through pneumothorax air.
+COMPATIBLE = {frozenset(("Pneumothorax", "Fracture"))}
 
 
 @dataclass
@@ -39,10 +76,10 @@ class Finding:
     """One abnormality. ``params`` holds its geometry in normalised anatomical coordinates."""
 
     name: str
-    side: str = ""  # "left" / "right" / "bilateral" (patient side); "" for the heart
+    side: str = ""  # "left" / "right" / "bilateral" (patient side); "" if central or diffuse
     zone: str = ""  # "upper" / "mid" / "lower"; "apical" for pneumothorax; "" if diffuse
     severity: str = ""
-    params: dict[str, float | list[float]] = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
 
     def cells(self) -> set[tuple[str, str]]:
         """The lung cells (side, zone) this finding occupies; nothing else may be drawn there."""
@@ -51,7 +88,9 @@ class Finding:
             zones = ("mid", "lower") if self.severity == "large" else ("lower",)
         elif self.name == "Pneumothorax":
             zones = ZONES  # the lateral air rim runs down the chest wall
-        elif self.name in ("Consolidation", "Nodule"):
+        elif self.name == "Atelectasis" and self.severity == "severe" and self.zone == "lower":
+            zones = ("mid", "lower")  # the elevated hemidiaphragm and the collapsed lobe
+        elif self.name in ("Consolidation", "Nodule", "Calcified Granuloma", "Atelectasis", "Fracture"):
             zones = (self.zone,)
         else:
             return set()
@@ -65,69 +104,100 @@ def _zone_point(rng: np.random.Generator, anat: Anatomy, ctr: float, side: str, 
     s = SIDE_SIGN[side]
     top, base = anat.lung_top, anat.dome_y(side)
     lo, hi = ZONE_RANGE[zone]
-    px = 1e-3
+    px, big_heart = 1e-3, ctr * AP_HEART  # stay clear of the heart as an AP film shows it
     for _ in range(64):
         y = top + (base - top) * rng.uniform(lo, hi)
         x = s * (anat.lung_center_x + anat.lung_half_width * rng.uniform(-0.5, 0.45))
         probe_x = np.array([x, x - margin, x + margin, x, x])
         probe_y = np.array([y, y, y, y - margin, y + margin])
-        inside = lung_shape(anat, side, probe_x, probe_y, px) * (1 - heart_mask(anat, probe_x, probe_y, px, ctr))
+        inside = lung_shape(anat, side, probe_x, probe_y, px) * (1 - heart_mask(anat, probe_x, probe_y, px, big_heart))
         if inside.min() > 0.5:
             return float(x), float(y)
     return float(s * anat.lung_center_x), float(top + (base - top) * 0.5 * (lo + hi))
 
 
-def _free(finding: Finding, occupied: set[tuple[str, str]]) -> bool:
-    return not (finding.cells() & occupied)
+def _conflicts(f: Finding, placed: list[Finding]) -> bool:
+    return any(f.cells() & g.cells() and frozenset((f.name, g.name)) not in COMPATIBLE for g in placed)
 
 
-def sample_chronic(rng: np.random.Generator, anat: Anatomy) -> list[Finding]:
-    """Subject-level findings: cardiomegaly (p=0.25) and a nodule (p=0.24)."""
-    found: list[Finding] = []
-    ctr = anat.heart_ctr
-    if rng.random() < 0.25:
-        severity = str(rng.choice(list(CARDIOMEGALY_CTR), p=[0.45, 0.35, 0.2]))
-        ctr = float(rng.uniform(*CARDIOMEGALY_CTR[severity]))
-        found.append(Finding("Cardiomegaly", severity=severity, params={"ctr": ctr}))
-    if rng.random() < 0.24:
-        side, zone = str(rng.choice(["left", "right"])), str(rng.choice(ZONES))
-        severity = str(rng.choice(list(NODULE_RADIUS), p=[0.6, 0.4]))
-        radius = float(rng.uniform(*NODULE_RADIUS[severity]))
-        x, y = _zone_point(rng, anat, ctr, side, zone, margin=radius + 0.04)
-        found.append(Finding("Nodule", side, zone, severity, {"x": x, "y": y, "radius": radius}))
-    return found
-
-
-def _place(rng: np.random.Generator, options: list[tuple[Finding, float]],
-           occupied: set[tuple[str, str]]) -> Finding | None:
-    """Pick one of the options (weighted) that does not overlap occupied cells."""
-    allowed = [(f, w) for f, w in options if _free(f, occupied)]
+def _place(rng: np.random.Generator, options: list[tuple[Finding, float]], placed: list[Finding]) -> Finding | None:
+    """Pick one of the options (weighted) that does not share a cell with a placed finding."""
+    allowed = [(f, w) for f, w in options if not _conflicts(f, placed)]
     if not allowed:
         return None
     weights = np.array([w for _, w in allowed], dtype=float)
     return allowed[int(rng.choice(len(allowed), p=weights / weights.sum()))][0]
 
 
+def _choice(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    p = np.array(list(weights.values()), dtype=float)
+    return list(weights)[int(rng.choice(len(p), p=p / p.sum()))]
+
+
+def _lateral(sides: dict[str, float], zones: dict[str, float], sevs: dict[str, float], name: str
+             ) -> list[tuple[Finding, float]]:
+    return [(Finding(name, s, z, v), ws * wz * wv) for s, ws in sides.items() for z, wz in zones.items()
+            for v, wv in sevs.items()]
+
+
+def sample_chronic(rng: np.random.Generator, anat: Anatomy) -> list[Finding]:
+    """Subject-level findings (see the module docstring for prevalences)."""
+    found: list[Finding] = []
+    ctr = anat.heart_ctr
+    if rng.random() < 0.13:
+        severity = _choice(rng, {"mild": 0.45, "moderate": 0.35, "severe": 0.2})
+        ctr = float(rng.uniform(*CARDIOMEGALY_CTR[severity]))
+        found.append(Finding("Cardiomegaly", severity=severity, params={"ctr": ctr}))
+    if rng.random() < 0.08:
+        side, zone = str(rng.choice(["left", "right"])), str(rng.choice(ZONES))
+        severity = _choice(rng, {"small": 0.6, "large": 0.4})
+        radius = float(rng.uniform(*NODULE_RADIUS[severity]))
+        x, y = _zone_point(rng, anat, ctr, side, zone, margin=radius + 0.04)
+        found.append(Finding("Nodule", side, zone, severity, {"x": x, "y": y, "radius": radius}))
+    if rng.random() < 0.08:  # old granulomatous infection: upper zones most often
+        chosen = _place(rng, _lateral({"right": 1, "left": 1}, {"upper": 0.6, "mid": 0.3, "lower": 0.1},
+                                      {"small": 1}, "Calcified Granuloma"), found)
+        if chosen is not None:
+            radius = float(rng.uniform(*GRANULOMA_RADIUS))
+            x, y = _zone_point(rng, anat, ctr, chosen.side, chosen.zone, margin=radius + 0.04)
+            chosen.params = {"x": x, "y": y, "radius": radius}
+            found.append(chosen)
+    if rng.random() < 0.08:
+        severity = _choice(rng, {"mild": 0.55, "moderate": 0.3, "severe": 0.15})
+        convexity = str(rng.choice(["right", "left"]))
+        found.append(Finding("Scoliosis", "", "", severity, {
+            "amplitude": float(rng.uniform(*SCOLIOSIS_AMPLITUDE[severity])) * SIDE_SIGN[convexity],
+            "convexity": convexity, "s_curve": bool(rng.random() < 0.3)}))
+    found.extend(Finding("Support Devices", side, "", "", p) for side, p in sample_chronic_devices(rng, anat))
+    return found
+
+
 def sample_acute(rng: np.random.Generator, anat: Anatomy, chronic: list[Finding]) -> list[Finding]:
     """Study-level findings given the subject's chronic ones."""
-    occupied = set().union(*(f.cells() for f in chronic)) if chronic else set()
+    placed = list(chronic)
     cardiomegaly = next((f for f in chronic if f.name == "Cardiomegaly"), None)
     ctr = float(cardiomegaly.params["ctr"]) if cardiomegaly else anat.heart_ctr
-    found: list[Finding] = []
+    icu = bool(rng.random() < 0.06)
+    found = [Finding("Support Devices", side, "", "", p) for side, p in sample_acute_devices(rng, anat, icu)]
 
-    if rng.random() < (0.45 if cardiomegaly else 0.16):
-        side_w = {"right": 0.4, "left": 0.3, "bilateral": 0.3}
-        sev_w = {"small": 0.4, "moderate": 0.4, "large": 0.2}
-        options = [(Finding("Pleural Effusion", s, "lower", v), side_w[s] * sev_w[v]) for s in side_w for v in sev_w]
-        chosen = _place(rng, options, occupied)
+    edema = rng.random() < 0.05 + 0.14 * bool(cardiomegaly) + 0.2 * icu
+    if edema:
+        severity = _choice(rng, {"mild": 0.45, "moderate": 0.35, "severe": 0.2})
+        found.append(Finding("Edema", "", "", severity, {"haze": EDEMA_HAZE[severity],
+                                                          "kerley": bool(rng.random() < 0.7)}))
+    if rng.random() < 0.09 + 0.25 * bool(cardiomegaly) + 0.25 * edema + 0.2 * icu:
+        options = _lateral({"right": 0.4, "left": 0.3, "bilateral": 0.3}, {"lower": 1.0},
+                           {"small": 0.45, "moderate": 0.35, "large": 0.2}, "Pleural Effusion")
+        chosen = _place(rng, options, placed)
         if chosen is not None:
+            base, meniscus = EFFUSION_LEVEL[chosen.severity]
+            chosen.params = {"level": base + float(rng.uniform(-0.03, 0.03)), "meniscus": meniscus}
             found.append(chosen)
-            occupied |= chosen.cells()
-
-    if rng.random() < 0.26:
-        sev_w = {"small": 0.3, "moderate": 0.45, "large": 0.25}
-        options = [(Finding("Consolidation", s, z, v), sev_w[v]) for s in ("left", "right") for z in ZONES for v in sev_w]
-        chosen = _place(rng, options, occupied)
+            placed.append(chosen)
+    if rng.random() < 0.10 + 0.25 * icu:
+        options = _lateral({"right": 0.55, "left": 0.45}, {"upper": 0.3, "mid": 0.3, "lower": 0.4},
+                           {"small": 0.3, "moderate": 0.45, "large": 0.25}, "Consolidation")
+        chosen = _place(rng, options, placed)
         if chosen is not None:
             sigma, spread = CONSOLIDATION_SIZE[chosen.severity]
             x, y = _zone_point(rng, anat, ctr, chosen.side, chosen.zone, margin=0.06)
@@ -139,105 +209,67 @@ def sample_acute(rng: np.random.Generator, anat: Anatomy, chronic: list[Finding]
                 "weight": [round(float(v), 4) for v in rng.uniform(0.5, 1.0, n)],
             }
             found.append(chosen)
-            occupied |= chosen.cells()
-
-    if rng.random() < 0.30:
-        sev_w = {"small": 0.4, "moderate": 0.35, "large": 0.25}
-        options = [(Finding("Pneumothorax", s, "apical", v), sev_w[v]) for s in ("left", "right") for v in sev_w]
-        chosen = _place(rng, options, occupied)
+            placed.append(chosen)
+    if rng.random() < 0.09 + 0.3 * icu:
+        chosen = _sample_atelectasis(rng, anat, ctr, placed)
+        if chosen is not None:
+            found.append(chosen)
+            placed.append(chosen)
+    if rng.random() < 0.075:
+        options = _lateral({"right": 1, "left": 1}, {"apical": 1}, {"small": 0.4, "moderate": 0.35, "large": 0.25},
+                           "Pneumothorax")
+        chosen = _place(rng, options, placed)
         if chosen is not None:
             chosen.params = {"collapse": float(rng.uniform(*PNEUMOTHORAX_COLLAPSE[chosen.severity]))}
             found.append(chosen)
-    for f in found:
-        if f.name == "Pleural Effusion":
-            base, meniscus = EFFUSION_LEVEL[f.severity]
-            f.params = {"level": base + float(rng.uniform(-0.03, 0.03)), "meniscus": meniscus}
+            placed.append(chosen)
+    if rng.random() < 0.065:
+        chosen = _sample_fracture(rng, anat, placed)
+        if chosen is not None:
+            found.append(chosen)
     return found
 
 
-# ----------------------------------------------------------------------------------- rendering
-@dataclass
-class Canvas:
-    """Mutable state the renderers edit, all on the anatomical grid."""
-
-    x: np.ndarray
-    y: np.ndarray
-    px: float
-    density: np.ndarray
-    marking_weight: np.ndarray  # 1 where lung markings show; findings that hide them lower it
-    lungs: dict[str, np.ndarray]  # aerated lung per side; findings that fill it lower it
-
-
-def _sides(finding: Finding) -> tuple[str, ...]:
-    return ("left", "right") if finding.side == "bilateral" else (finding.side,)
-
-
-def draw_pneumothorax(c: Canvas, anat: Anatomy, f: Finding, ctr: float) -> np.ndarray:
-    """Air rim between chest wall and the collapsed lung: dark, no markings, thin pleural line."""
-    side = f.side
-    full = lung_shape(anat, side, c.x, c.y, c.px)
-    collapsed = lung_shape(anat, side, c.x, c.y, c.px, shrink=float(f.params["collapse"]))
-    rim = np.clip(full - collapsed, 0.0, 1.0) * (1.0 - heart_mask(anat, c.x, c.y, c.px, ctr))
-    # Pleural line: a one-pixel bright band on the collapsed lung's edge, inside the cavity.
-    edge = 4.0 * collapsed * (1.0 - collapsed)
-    line = edge * full * (1.0 - heart_mask(anat, c.x, c.y, c.px, ctr))
-    c.density = c.density - 0.2 * rim + 0.22 * line
-    c.marking_weight = c.marking_weight * (1.0 - rim)
-    return np.clip(rim, 0.0, 1.0)
+def _sample_atelectasis(rng: np.random.Generator, anat: Anatomy, ctr: float, placed: list[Finding]) -> Finding | None:
+    """Plate-like (mild, may be bibasilar), segmental (moderate) or lobar with volume loss (severe)."""
+    sevs = {"mild": 0.5, "moderate": 0.3, "severe": 0.2}
+    options = _lateral({"right": 0.45, "left": 0.45}, {"upper": 0.15, "mid": 0.25, "lower": 0.6}, sevs, "Atelectasis")
+    options += [(Finding("Atelectasis", "bilateral", "lower", "mild"), 0.25)]  # bibasilar plate-like
+    chosen = _place(rng, options, placed)
+    if chosen is None:
+        return None
+    kind = ATELECTASIS_KIND[chosen.severity]
+    sides = ("left", "right") if chosen.side == "bilateral" else (chosen.side,)
+    bands = []
+    for side in sides:
+        x, y = _zone_point(rng, anat, ctr, side, chosen.zone, margin=0.05)
+        bands.append([x, y])
+    chosen.params = {
+        "kind": kind, "centers": bands,
+        "tilt": float(rng.uniform(-0.25, 0.25)),  # radians; plates lie near horizontal
+        "length": float(rng.uniform(0.14, 0.24)), "thickness": float(rng.uniform(0.012, 0.02)),
+        "extent": float(rng.uniform(0.09, 0.13) if kind == "segmental" else rng.uniform(0.12, 0.17)),
+        "volume_loss": float(rng.uniform(0.04, 0.08)) if kind == "lobar" and chosen.zone == "lower" else 0.0,
+    }
+    return chosen
 
 
-def draw_effusion(c: Canvas, anat: Anatomy, f: Finding, ctr: float) -> np.ndarray:
-    """Fluid in the base: fills the costophrenic angle and climbs the wall in a meniscus."""
-    mask = np.zeros_like(c.x)
-    for side in _sides(f):
-        s = SIDE_SIGN[side]
-        lateral = np.clip((s * c.x - (anat.lung_center_x - anat.lung_half_width)) / (2 * anat.lung_half_width), 0, 1)
-        level = anat.dome_y(side) - float(f.params["level"]) - float(f.params["meniscus"]) * lateral ** 2
-        # The fluid top fades over ~2 px like real layering fluid; it ends at the heart border.
-        fluid = lung_shape(anat, side, c.x, c.y, c.px) * soft_inside(level - c.y, 2.0 * c.px)
-        fluid = fluid * (1.0 - heart_mask(anat, c.x, c.y, c.px, ctr))
-        mask = np.maximum(mask, fluid)
-        c.lungs[side] = c.lungs[side] * (1.0 - fluid)
-    target = TISSUE + 0.13
-    c.density = c.density + mask * np.maximum(target - c.density, 0.0)
-    c.marking_weight = c.marking_weight * (1.0 - mask)
-    return mask
-
-
-def draw_consolidation(c: Canvas, anat: Anatomy, f: Finding, ctr: float) -> np.ndarray:
-    """Patchy airspace opacity: a cluster of smooth blobs confined to the aerated lung."""
-    p = f.params
-    dx, dy, w = (np.asarray(p[k], dtype=float)[:, None, None] for k in ("dx", "dy", "weight"))
-    sigma = float(p["sigma"])
-    blobs = w * np.exp(-((c.x - float(p["x"]) - dx) ** 2 + (c.y - float(p["y"]) - dy) ** 2) / (2 * sigma ** 2))
-    patch = np.clip(blobs.sum(axis=0) * 1.3, 0.0, 1.0) * c.lungs[f.side]
-    c.density = c.density + 0.30 * patch
-    c.marking_weight = c.marking_weight * (1.0 - 0.7 * patch)
-    return patch
-
-
-def draw_nodule(c: Canvas, anat: Anatomy, f: Finding, ctr: float) -> np.ndarray:
-    """Small round dense spot with a soft edge."""
-    r = float(f.params["radius"])
-    disc = soft_inside(np.hypot(c.x - float(f.params["x"]), c.y - float(f.params["y"])) - r, c.px)
-    c.density = c.density + 0.30 * disc
-    return disc
-
-
-def draw_cardiomegaly(c: Canvas, anat: Anatomy, f: Finding, ctr: float) -> np.ndarray:
-    """The enlarged heart is drawn by the anatomy; the mask is the part beyond a normal heart."""
-    normal = heart_mask(anat, c.x, c.y, c.px, anat.heart_ctr)
-    return np.clip(heart_mask(anat, c.x, c.y, c.px, ctr) - normal, 0.0, 1.0)
-
-
-# Drawing order matters: air first, then fluid, then opacities inside what remains aerated.
-RENDERERS: dict[str, Callable[[Canvas, Anatomy, Finding, float], np.ndarray]] = {
-    "Pneumothorax": draw_pneumothorax,
-    "Pleural Effusion": draw_effusion,
-    "Consolidation": draw_consolidation,
-    "Nodule": draw_nodule,
-    "Cardiomegaly": draw_cardiomegaly,
-}
+def _sample_fracture(rng: np.random.Generator, anat: Anatomy, placed: list[Finding]) -> Finding | None:
+    """A lateral rib fracture: acute (cortical break with a step) or healing (callus)."""
+    options = _lateral({"right": 1, "left": 1}, {"upper": 0.3, "mid": 0.4, "lower": 0.3}, {"": 1}, "Fracture")
+    chosen = _place(rng, options, placed)
+    if chosen is None:
+        return None
+    s = SIDE_SIGN[chosen.side]
+    top, base = anat.lung_top, anat.dome_y(chosen.side)
+    x = s * anat.thorax_half_width * float(rng.uniform(0.72, 0.9))
+    target = top + (base - top) * float(rng.uniform(*ZONE_RANGE[chosen.zone]))
+    ks = np.arange(10)
+    k = int(ks[np.argmin(np.abs(np.array([rib_center_y(anat, int(i), x) for i in ks]) - target))])
+    chosen.params = {"x": float(x), "y": float(rib_center_y(anat, k, x)), "rib": k,
+                     "kind": "healing" if rng.random() < 0.4 else "acute",
+                     "step": float(rng.uniform(0.016, 0.028)) * float(rng.choice([-1.0, 1.0]))}
+    return chosen
 
 
 def effective_ctr(anat: Anatomy, findings: list[Finding]) -> float:

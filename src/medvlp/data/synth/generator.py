@@ -1,20 +1,31 @@
-"""``generate``: write a SynthCXR dataset (PNG images + manifest) from one seed.
+"""``generate``: write a SynthCXR dataset (PNG images, masks, manifest, optional shards).
 
 Every random draw comes from a generator keyed by what it is for, never from a shared
-stream, so the output does not depend on iteration order and any one study can be
-re-rendered on its own:
+stream, so the output does not depend on iteration order or on the number of worker
+processes, and any one study can be re-rendered on its own:
 
 ==========================================  ==============================================
 ``default_rng([seed, 0, subject])``         anatomy, chronic findings, number of studies
 ``default_rng([seed, 1, subject, study])``  acquisition, acute findings, report wording
 ``default_rng([seed, 2])``                  assignment of subjects to splits
+``default_rng([seed, 3, subject, study])``  VQA question sampling
 ==========================================  ==============================================
 
-The same seed gives byte-identical PNGs and manifest; nothing time-dependent is written.
+The same seed gives byte-identical PNGs, masks and manifest; nothing time-dependent is
+written. Splits are by subject (:data:`SPLITS`): ``pretrain`` (image + report),
+``pretrain-unpaired`` (images only), ``pretrain-labeled`` (images + labels, no report) and
+the downstream ``train`` / ``val`` / ``test`` splits; the test split's reports use a
+held-out set of phrasings and its subjects are never in any pre-training split.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import multiprocessing as mp
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +35,47 @@ from tqdm.auto import tqdm
 from medvlp.data.manifest import write_manifest
 from medvlp.data.sample import NEGATIVE, POSITIVE, Sample
 from medvlp.data.synth.anatomy import Anatomy, sample_anatomy
-from medvlp.data.synth.findings import CLASSES, Finding, labels_for, sample_acute, sample_chronic
-from medvlp.data.synth.render import Acquisition, mask_geometry, render_study, sample_acquisition, to_pixels
+from medvlp.data.synth.findings import (
+    CLASSES,
+    Finding,
+    labels_for,
+    sample_acute,
+    sample_chronic,
+)
+from medvlp.data.synth.render import Acquisition, finding_meta, render_study, sample_acquisition
+
 from medvlp.data.synth.reports import build_report
+from medvlp.data.synth.vqa import vqa_pairs
 from medvlp.errors import ConfigError
 
-GENERATOR_VERSION = "1.0.0"
-SPLITS = ("train", "val", "test")
+GENERATOR_VERSION = "2.0.0"
+SPLITS = ("pretrain", "pretrain-unpaired", "pretrain-labeled", "train", "val", "test")
+PRETRAIN_SPLITS = ("pretrain", "pretrain-unpaired", "pretrain-labeled")
+DEFAULT_SPLIT_FRACTIONS = {"pretrain": 0.45, "pretrain-unpaired": 0.15, "pretrain-labeled": 0.10,
+                           "train": 0.12, "val": 0.04, "test": 0.14}
+REPORT_SPLITS = frozenset({"pretrain", "train", "val", "test"})  # splits whose studies get a report
+HELD_OUT_SPLITS = frozenset({"test"})  # reports written with the held-out phrasings
+
+
+@dataclass(frozen=True)
+class Preset:
+    subjects: int
+    studies_per_subject: tuple[int, int]
+    image_size: int
+    description: str
+
+
+PRESETS = {
+    "small": Preset(400, (1, 3), 64, "smoke set: ~800 images at 64 px, seconds to generate"),
+    "standard": Preset(5000, (1, 3), 128, "the benchmark: ~10k images at 128 px, minutes to generate"),
+    "large": Preset(50000, (1, 4), 224, "scale test: ~125k images at 224 px"),
+}
+
+
+def frozen_versions() -> dict:
+    """Frozen benchmark versions: name -> generator version, preset, seed and manifest hash."""
+    path = resources.files("medvlp.data.synth") / "frozen.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 @dataclass
@@ -65,57 +110,84 @@ def make_study(seed: int, subject: Subject, index: int) -> Study:
     return Study(subject, index, acquisition, findings, rng)
 
 
-def assign_splits(subjects: int, seed: int, fractions: tuple[float, float, float]) -> list[str]:
-    """Split name of every subject: a seeded shuffle cut at the cumulative fractions."""
-    order = np.random.default_rng([seed, 2]).permutation(subjects)
-    counts = [int(round(f * subjects)) for f in fractions]
-    counts[0] = subjects - counts[1] - counts[2]
-    # Tiny datasets: a split asked for still gets a subject when there are enough to go round.
-    for k in (1, 2):
-        if fractions[k] > 0 and counts[k] == 0 and counts[0] > 1:
+def assign_splits(subjects: int, seed: int, fractions: Mapping[str, float]) -> list[str]:
+    """Split name of every subject: a seeded shuffle cut at the cumulative fractions.
+    The first split takes the rounding remainder; on tiny datasets every split asked for
+    still gets a subject while there are enough to go round."""
+    names = list(fractions)
+    counts = [int(round(fractions[n] * subjects)) for n in names]
+    counts[0] = subjects - sum(counts[1:])
+    for k in range(1, len(names)):
+        if fractions[names[k]] > 0 and counts[k] == 0 and counts[0] > 1:
             counts[k], counts[0] = 1, counts[0] - 1
-    names = np.repeat(np.array(SPLITS), counts)
+    order = np.random.default_rng([seed, 2]).permutation(subjects)
+    labels = np.repeat(np.array(names), counts)
     split_of = [""] * subjects
     for rank, subject in enumerate(order):
-        split_of[int(subject)] = str(names[rank])
+        split_of[int(subject)] = str(labels[rank])
     return split_of
 
 
-def _finding_meta(f: Finding, mask: np.ndarray | None, acq: Acquisition, size: int) -> dict:
-    meta: dict = {"name": f.name, "side": f.side, "zone": f.zone, "severity": f.severity}
-    if mask is not None:
-        meta.update(mask_geometry(mask))
-    if f.name == "Nodule":
-        cx, cy = to_pixels(acq, float(f.params["x"]), float(f.params["y"]), size)
-        meta["center"] = [round(cx, 2), round(cy, 2)]
-        meta["radius"] = round(float(f.params["radius"]) * acq.magnification * size / 2.0, 2)
-    if f.name == "Cardiomegaly":
-        meta["ctr"] = round(float(f.params["ctr"]), 3)
-    return meta
+def mask_bits(masks: Mapping[str, np.ndarray], threshold: float = 0.5) -> np.ndarray:
+    """One uint16 image whose bit ``k`` marks the pixels of class ``CLASSES[k]``."""
+    shape = next(iter(masks.values())).shape if masks else (1, 1)
+    bits = np.zeros(shape, dtype=np.uint16)
+    for name, m in masks.items():
+        bits |= (np.asarray(m) >= threshold).astype(np.uint16) << np.uint16(CLASSES.index(name))
+    return bits
 
 
-def study_sample(out: Path, seed: int, subject: Subject, study_index: int, image_size: int,
-                 split: str, id_width: int) -> Sample:
+def decode_mask(path: str | os.PathLike, classes: Sequence[str] = CLASSES) -> dict[str, np.ndarray]:
+    """Read a mask PNG written by the generator: ``{class: bool (H, W)}`` for every class."""
+    bits = np.asarray(Image.open(path)).astype(np.int64)
+    return {c: (bits >> CLASSES.index(c)) & 1 == 1 for c in classes}
+
+
+@dataclass(frozen=True)
+class _Job:
+    out: str
+    seed: int
+    studies_per_subject: tuple[int, int]
+    image_size: int
+    id_width: int
+    masks: bool
+
+
+def _study_sample(job: _Job, subject: Subject, study_index: int, split: str) -> Sample:
     """Render, save and describe one study."""
-    study = make_study(seed, subject, study_index)
-    rendering = render_study(subject.anatomy, study.acquisition, study.findings, image_size)
-    subject_id = f"S{subject.index:0{id_width}d}"
+    out, size = Path(job.out), job.image_size
+    study = make_study(job.seed, subject, study_index)
+    rendering = render_study(subject.anatomy, study.acquisition, study.findings, size)
+    subject_id = f"S{subject.index:0{job.id_width}d}"
     study_id = f"{subject_id}-T{study_index:02d}"
     path = out / "images" / subject_id / f"{study_id}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rendering.image).save(path, format="PNG")
 
-    findings_text, impression = build_report(study.findings, study.rng)
+    if split in REPORT_SPLITS:
+        prior = make_study(job.seed, subject, study_index - 1).findings if study_index > 0 else None
+        findings_text, impression = build_report(study.findings, study.rng, prior=prior,
+                                                 held_out=split in HELD_OUT_SPLITS)
+    else:
+        findings_text, impression = "", ""
     present = labels_for(study.findings)
     acq = study.acquisition
+    records = [finding_meta(f, rendering.instance_masks[i], acq, size) for i, f in enumerate(study.findings)]
     meta = {
         "generator_version": GENERATOR_VERSION,
-        "findings": [_finding_meta(f, rendering.masks.get(f.name), acq, image_size) for f in study.findings],
-        "ctr": round(float(next((f.params["ctr"] for f in study.findings if f.name == "Cardiomegaly"),
-                                subject.anatomy.heart_ctr)), 3),
-        "acquisition": {"rotation_deg": round(float(np.degrees(acq.rotation)), 2),
+        "study_index": study_index,
+        "findings": records,
+        "acquisition": {"view": acq.view, "rotation_deg": round(float(np.degrees(acq.rotation)), 2),
                         "contrast": round(acq.contrast, 3), "noise": round(acq.noise_sigma, 4)},
+        "image_sha256": hashlib.sha256(rendering.image.tobytes()).hexdigest(),
+        "vqa": vqa_pairs(records, CLASSES, np.random.default_rng([job.seed, 3, subject.index, study_index])),
     }
+    if job.masks:
+        mask_rel = Path("masks") / subject_id / f"{study_id}.png"
+        (out / mask_rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask_bits(rendering.masks) if rendering.masks
+                        else np.zeros((size, size), np.uint16)).save(out / mask_rel, format="PNG")
+        meta["mask"] = mask_rel.as_posix()
     return Sample(
         id=study_id, subject_id=subject_id, study_id=study_id, split=split, image=str(path.resolve()),
         view=acq.view, findings=findings_text, impression=impression,
@@ -123,8 +195,29 @@ def study_sample(out: Path, seed: int, subject: Subject, study_index: int, image
     )
 
 
+def _subject_samples(args: tuple[_Job, int, str]) -> list[Sample]:
+    job, index, split = args
+    subject = make_subject(job.seed, index, job.studies_per_subject)
+    return [_study_sample(job, subject, k, split) for k in range(subject.n_studies)]
+
+
+def _fractions(split_fractions) -> dict[str, float]:
+    if split_fractions is None:
+        return dict(DEFAULT_SPLIT_FRACTIONS)
+    if isinstance(split_fractions, Mapping):
+        unknown = set(split_fractions) - set(SPLITS)
+        if unknown:
+            raise ConfigError(f"synth split_fractions: unknown split(s) {sorted(unknown)}; known: {list(SPLITS)}")
+        return {name: float(split_fractions.get(name, 0.0)) for name in SPLITS}
+    values = [float(v) for v in split_fractions]
+    if len(values) != len(SPLITS):
+        raise ConfigError(f"synth split_fractions: got {len(values)} values; give {len(SPLITS)} fractions for "
+                          f"{list(SPLITS)} or a mapping split -> fraction")
+    return dict(zip(SPLITS, values))
+
+
 def _validate(subjects: int, studies_per_subject: tuple[int, int], image_size: int, seed: int,
-              split_fractions: tuple[float, float, float]) -> None:
+              fractions: dict[str, float], workers: int, shard_size: int) -> None:
     if not isinstance(subjects, (int, np.integer)) or subjects < 1:
         raise ConfigError(f"synth subjects: got {subjects!r}; give a positive integer (e.g. --subjects 200)")
     if (len(studies_per_subject) != 2 or not all(isinstance(v, (int, np.integer)) for v in studies_per_subject)
@@ -135,47 +228,112 @@ def _validate(subjects: int, studies_per_subject: tuple[int, int], image_size: i
         raise ConfigError(f"synth image_size: got {image_size!r}; give an integer in [16, 1024] (e.g. 64)")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"synth seed: got {seed!r}; give a non-negative integer")
-    if (len(split_fractions) != 3 or any(f < 0 for f in split_fractions)
-            or abs(sum(split_fractions) - 1.0) > 1e-6):
-        raise ConfigError(f"synth split_fractions: got {split_fractions!r}; give three non-negative "
-                          "fractions (train, val, test) summing to 1, e.g. (0.7, 0.1, 0.2)")
+    if any(f < 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1.0) > 1e-6:
+        raise ConfigError(f"synth split_fractions: got {fractions}; give non-negative fractions summing to 1")
+    if fractions["test"] <= 0:
+        raise ConfigError("synth split_fractions: the test split needs a positive fraction")
+    if not isinstance(workers, (int, np.integer)) or workers < 0:
+        raise ConfigError(f"synth workers: got {workers!r}; give 0 (all cores) or a positive integer")
+    if shard_size < 1:
+        raise ConfigError(f"synth shard_size: got {shard_size!r}; give a positive integer (e.g. 1000)")
 
 
-def generate(out: str | Path, *, subjects: int = 200, studies_per_subject: tuple[int, int] = (1, 4),
-             image_size: int = 64, seed: int = 0, split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
-             progress: bool = True) -> Path:
+def generate(out: str | Path, *, preset: str | None = None, subjects: int | None = None,
+             studies_per_subject: tuple[int, int] | None = None, image_size: int | None = None,
+             seed: int = 0, split_fractions=None, masks: bool = True, workers: int = 1,
+             shards: bool = False, shard_size: int = 1000, progress: bool = True) -> Path:
     """Write a SynthCXR dataset to ``out`` and return its manifest path.
 
-    Layout: ``out/images/<subject>/<study>.png`` (8-bit grayscale), ``out/manifest.jsonl``
-    and ``out/dataset.json``. ``studies_per_subject`` is an inclusive (min, max) range.
-    Splits are by subject. Images from an earlier, larger run in the same folder are not
-    removed, but only this run's images are in the manifest.
+    ``preset`` (``small`` / ``standard`` / ``large``) sets subjects, studies and image size;
+    explicit arguments override it (and the result is then not the frozen benchmark).
+    Layout: ``images/<subject>/<study>.png`` (8-bit grayscale), ``masks/<subject>/<study>.png``
+    (16-bit, bit k = class k, see :func:`decode_mask`), ``manifest.jsonl``, ``dataset.json``
+    and, with ``shards=True``, webdataset-style tars in ``shards/``. ``workers`` processes
+    render in parallel (0 = one per core); the output does not depend on it.
     """
-    studies_per_subject = tuple(studies_per_subject)  # type: ignore[assignment]
-    split_fractions = tuple(float(f) for f in split_fractions)  # type: ignore[assignment]
-    _validate(subjects, studies_per_subject, image_size, seed, split_fractions)
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"synth preset: got {preset!r}; choose one of {sorted(PRESETS)}")
+    base = PRESETS[preset] if preset else Preset(200, (1, 4), 64, "")
+    custom = any(v is not None for v in (subjects, studies_per_subject, image_size)) or split_fractions is not None
+    subjects = base.subjects if subjects is None else subjects
+    studies_per_subject = tuple(base.studies_per_subject if studies_per_subject is None else studies_per_subject)
+    image_size = base.image_size if image_size is None else image_size
+    fractions = _fractions(split_fractions)
+    _validate(subjects, studies_per_subject, image_size, seed, fractions, workers, shard_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    split_of = assign_splits(subjects, seed, split_fractions)
-    id_width = max(5, len(str(subjects - 1)))
+    split_of = assign_splits(subjects, seed, fractions)
+    job = _Job(str(out), int(seed), (int(studies_per_subject[0]), int(studies_per_subject[1])), int(image_size),
+               max(5, len(str(subjects - 1))), bool(masks))
+    jobs = [(job, index, split_of[index]) for index in range(subjects)]
+    workers = workers or (os.cpu_count() or 1)
 
     samples: list[Sample] = []
-    for index in tqdm(range(subjects), desc="synthcxr", unit="subject", disable=not progress):
-        subject = make_subject(seed, index, studies_per_subject)
-        for study_index in range(subject.n_studies):
-            samples.append(study_sample(out, seed, subject, study_index, image_size, split_of[index], id_width))
+    bar = tqdm(total=subjects, desc="synthcxr", unit="subject", disable=not progress)
+    if workers == 1:
+        results = map(_subject_samples, jobs)
+        for chunk in results:
+            samples.extend(chunk)
+            bar.update(1)
+    else:  # spawn: no fork of a process that may hold torch / OpenMP threads
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for chunk in pool.imap(_subject_samples, jobs, chunksize=max(1, min(32, subjects // (8 * workers)))):
+                samples.extend(chunk)
+                bar.update(1)
+    bar.close()
 
+    name = benchmark_name(preset, seed) if preset and not custom else None
     info = {
         "name": "synthcxr",
         "version": GENERATOR_VERSION,
+        "preset": preset if preset and not custom else None,
+        "benchmark": name,  # confirmed (or cleared) against frozen.json below
         "classes": list(CLASSES),
         "subjects": int(subjects),
         "studies_per_subject": [int(v) for v in studies_per_subject],
         "image_size": int(image_size),
         "seed": int(seed),
-        "split_fractions": list(split_fractions),
+        "split_fractions": fractions,
+        "splits": {"pretraining": list(PRETRAIN_SPLITS), "downstream": ["train", "val", "test"],
+                   "with_reports": sorted(REPORT_SPLITS), "held_out_phrasings": sorted(HELD_OUT_SPLITS)},
         "views": ["PA", "AP"],
         "laterality": "patient side; frontal views show the patient's right on the image left",
         "label_codes": {"positive": POSITIVE, "negative": NEGATIVE},
+        "masks": "masks/<subject>/<study>.png: uint16, bit k set where class k (classes order) is present"
+                 if masks else None,
     }
-    return write_manifest(out, samples, info)
+    manifest = write_manifest(out, samples, info)
+    if shards:
+        from medvlp.data.shards import write_shards
+
+        write_shards(samples, out / "shards", root=out, shard_size=shard_size, prefix="synthcxr")
+    _check_frozen(out, name)
+    return manifest
+
+
+def benchmark_name(preset: str | None, seed: int) -> str | None:
+    """The frozen benchmark this (preset, seed) produces with this generator version, if any."""
+    for key, v in frozen_versions().items():
+        if v["preset"] == preset and v["seed"] == seed and v["generator_version"] == GENERATOR_VERSION:
+            return key
+    return None
+
+
+def _check_frozen(out: Path, name: str | None) -> None:
+    """A preset's output must match its frozen hash: a generator change that alters the
+    output must bump GENERATOR_VERSION instead of silently changing a benchmark."""
+    if name is None:
+        return
+    frozen = frozen_versions()[name]
+    info_path = out / "dataset.json"
+    info = json.loads(info_path.read_text())
+    if info["manifest_sha256"] != frozen["manifest_sha256"]:
+        import warnings
+
+        warnings.warn(f"synthcxr: this output differs from the frozen {name} (manifest hash "
+                      f"{info['manifest_sha256'][:12]} != {frozen['manifest_sha256'][:12]}); it is not {name}. "
+                      "If the generator changed on purpose, bump GENERATOR_VERSION and freeze a new version.")
+        info["benchmark"] = None
+        tmp = info_path.with_name(info_path.name + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, info_path)

@@ -1,0 +1,228 @@
+"""Shared pieces of the benchmark scripts (``benchmarks/``): what a result is measured on
+and how results are summarised.
+
+- :func:`dataset_version`: the benchmark version of a dataset folder (generator version,
+  preset / benchmark name when the generator wrote them, SHA-256 of ``manifest.jsonl``).
+  Results of different versions never share a table (:func:`check_same_version`).
+- :func:`machine_info`: CPU model, cores, GPU, torch, git commit, threads.
+- :func:`step_flops`: FLOPs of one training step of a method (forward + backward of one
+  real batch, counted by ``torch.utils.flop_counter.FlopCounterMode``; the optimizer
+  update is not counted).
+- :func:`aggregate` / :func:`render_markdown`: per-run results -> mean ± sd per recipe.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import math
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medvlp.errors import ConfigError
+
+#: layout of a comparison result file; bump when its keys or their meaning change
+RESULT_FORMAT = 1
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dataset_version(dataset: str | Path) -> dict:
+    """``{"dataset", "generator_version", "preset", "benchmark", "manifest_sha256"}`` of a dataset folder."""
+    from medvlp.data.manifest import read_info, resolve_manifest
+
+    info = read_info(dataset)
+    return {
+        "dataset": info.get("name"),
+        "generator_version": info.get("version"),
+        "preset": info.get("preset"),
+        "benchmark": info.get("benchmark"),
+        "manifest_sha256": file_sha256(resolve_manifest(dataset)),
+    }
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], check=False, capture_output=True, text=True, cwd=here, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    from medvlp import __version__
+
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__, "medvlp": __version__,
+        "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--", "src", "configs")),
+        "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def first_batch(cfg, tokenizer, classes: Sequence[str]):
+    """The training stream's first batch for ``cfg`` (same sources, mix and collation as the loop)."""
+    from medvlp.data.mixed import MixedStream, read_sources
+    from medvlp.data.transforms import Preprocess
+
+    stream = MixedStream(read_sources(cfg), Preprocess.from_config(cfg), tokenizer, classes,
+                         batch_size=cfg.data.batch_size, max_length=cfg.model.text.max_length,
+                         sections=cfg.data.sections, seed=cfg.train.seed, augment=cfg.data.augment,
+                         paired_labels=cfg.data.paired_labels)
+    return stream.collate([stream.dataset[key] for key in stream.batch_keys(0)])
+
+
+def step_flops(method: torch.nn.Module, batch, accum_steps: int = 1) -> int:
+    """FLOPs of one optimizer step: forward + backward of ``batch`` x ``accum_steps``
+    micro-batches. Gradients are cleared afterwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    method.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        method(batch)["loss"].backward()
+    method.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops()) * int(accum_steps)
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def stats(values: Iterable[Any]) -> dict:
+    """Mean, sample sd and count of the finite numbers among ``values`` (None when none)."""
+    xs = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    if not xs:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def check_same_version(results: Sequence[dict]) -> dict:
+    """The one benchmark version all ``results`` share; ConfigError naming the runs otherwise."""
+    versions: dict[str, list[str]] = {}
+    for r in results:
+        key = repr(sorted(r["benchmark"].items()))
+        versions.setdefault(key, []).append(f"{r['recipe']}-seed{r['seed']}")
+    if len(versions) > 1:
+        groups = "; ".join(f"{runs} -> {key}" for key, runs in versions.items())
+        raise ConfigError(f"results of different benchmark versions cannot be aggregated: {groups}. Fix: run every "
+                          "cell on the same dataset (same generator version and manifest) and runner format, "
+                          "in a fresh --out folder")
+    return dict(results[0]["benchmark"]) if results else {}
+
+
+#: (metric key in a result's "metrics", column title) in table order
+COLUMNS = [
+    ("zeroshot_auroc", "zero-shot AUROC"),
+    ("probe_auroc@0.01", "probe AUROC 1 %"),
+    ("probe_auroc@0.1", "probe AUROC 10 %"),
+    ("probe_auroc@1", "probe AUROC 100 %"),
+    ("i2t_R@1", "i→t R@1"), ("i2t_R@5", "i→t R@5"), ("i2t_R@10", "i→t R@10"),
+    ("t2i_R@1", "t→i R@1"), ("t2i_R@5", "t→i R@5"), ("t2i_R@10", "t→i R@10"),
+    ("head_auroc", "head AUROC"),
+    ("steps", "steps"), ("samples_seen", "samples seen"), ("flops_total", "FLOPs"), ("train_minutes", "train min"),
+]
+
+
+def extract_metrics(evaluation: dict) -> dict:
+    """The flat numbers of one model's evaluation result (as ``evaluate_models`` returns it)."""
+    out: dict[str, float | None] = {}
+    if "zeroshot" in evaluation:
+        out["zeroshot_auroc"] = evaluation["zeroshot"].get("mean")
+    for key, entry in ((evaluation.get("linear_probe") or {}).get("fractions") or {}).items():
+        out[f"probe_auroc@{key}"] = entry.get("mean")
+    for direction, short in (("image_to_text", "i2t"), ("text_to_image", "t2i")):
+        for k, v in ((evaluation.get("retrieval") or {}).get(direction) or {}).items():
+            out[f"{short}_{k}"] = v
+    if "supervised_head" in evaluation:
+        out["head_auroc"] = evaluation["supervised_head"].get("mean")
+    return out
+
+
+def aggregate(results: Sequence[dict], recipes: Sequence[str] | None = None) -> dict:
+    """Per recipe, mean / sd / n over seeds of every metric and budget number."""
+    version = check_same_version(results)
+    order = list(recipes or dict.fromkeys(r["recipe"] for r in results))
+    table: dict[str, dict] = {}
+    for recipe in order:
+        runs = sorted((r for r in results if r["recipe"] == recipe), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        keys = list(dict.fromkeys(k for r in runs for k in r["metrics"]))
+        table[recipe] = {
+            "seeds": [r["seed"] for r in runs],
+            "capped_seeds": [r["seed"] for r in runs if r.get("capped")],
+            "train": runs[0]["train"],
+            "metrics": {k: stats(r["metrics"].get(k) for r in runs) for k in keys},
+        }
+    return {"benchmark": version, "recipes": table}
+
+
+def _cell(s: dict | None, key: str) -> str:
+    if not s or s["mean"] is None:
+        return "–"
+    mean, sd = s["mean"], s["sd"]
+    if key == "flops_total":
+        return f"{mean:.3g} ± {sd:.2g}"
+    if key in ("steps", "samples_seen"):
+        return f"{mean:.0f} ± {sd:.0f}"
+    if key == "train_minutes":
+        return f"{mean:.1f} ± {sd:.1f}"
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+def render_markdown(data: dict) -> str:
+    """The aggregate as markdown: command, machine, versions, then one row per recipe."""
+    b, m = data["benchmark"], data["machine"]
+    recipes = data["recipes"]
+    keys = [(k, t) for k, t in COLUMNS if any(k in r["metrics"] for r in recipes.values())]
+    lines = [
+        f"# Comparison: {data['name']}",
+        "",
+        f"Command: `{data['command']}`  ",
+        (f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}, torch {m['torch']}, "
+         f"commit {(m.get('git_commit') or '?')[:10]}{' (dirty)' if m.get('git_dirty') else ''}  "),
+        f"Date: {data['date']}  ",
+        f"Data: {b['data'].get('dataset')} generator v{b['data'].get('generator_version')}"
+        + (f", preset {b['data']['preset']}" if b["data"].get("preset") else "")
+        + (f", benchmark {b['data']['benchmark']}" if b["data"].get("benchmark") else "")
+        + f", manifest sha256 {b['data']['manifest_sha256'][:16]}…  ",
+        (f"Budget: {data['budget']['steps']} steps x batch {data['budget']['batch_size']} per recipe, "
+         f"wall-time cap {data['budget']['max_minutes']:g} min per run"),
+        "",
+        "| recipe | n | trained on | " + " | ".join(t for _, t in keys) + " |",
+        "|---|---:|---|" + "---:|" * len(keys),
+    ]
+    for name, r in recipes.items():
+        n = len(r["seeds"])
+        capped = f" ({len(r['capped_seeds'])} capped)" if r["capped_seeds"] else ""
+        cells = [_cell(r["metrics"].get(k), k) for k, _ in keys]
+        lines.append(f"| {name}{capped} | {n} | {r['train']['data']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        ("Mean ± sd over seeds (n = seeds). AUROC masks uncertain and missing labels; probe cells are each the mean "
+         "of the probe's own seeds. FLOPs = forward + backward of one batch (FlopCounterMode) x steps done, "
+         "optimizer excluded. A capped run stopped at the wall-time cap and was evaluated where it stopped."),
+    ]
+    return "\n".join(lines) + "\n"

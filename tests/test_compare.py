@@ -1,0 +1,141 @@
+"""The comparison runner (benchmarks/compare.py): a 2-recipe x 2-seed grid on the tiny
+dataset, skipping finished runs, resuming an interrupted one, the wall-time cap, and the
+refusal to mix benchmark versions."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from medvlp.bench import aggregate, dataset_version, stats
+from medvlp.errors import ConfigError
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_compare():
+    spec = importlib.util.spec_from_file_location("medvlp_bench_compare", ROOT / "benchmarks" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = _load_compare()
+
+
+def _argv(dataset, out: Path, *extra: str, recipes="clip,supervised", seeds="0,1", steps=3) -> list[str]:
+    splits = json.loads((Path(dataset) / "dataset.json").read_text()).get("split_counts", {})
+    clip_split = "pretrain" if "pretrain" in splits else "train"  # SynthCXR's paired pre-training split when it has one
+    sets = [a for item in TINY if not item.startswith(("data.batch_size", "train.steps")) for a in ("--set", item)]
+    return ["--name", "tiny", "--dataset", str(dataset), "--recipes", recipes, "--seeds", seeds, "--steps", str(steps),
+            "--batch-size", "4", "--out", str(out), "--results-dir", str(out / "results"), *sets,
+            "--set", "train.save_every=1", "--set", f"data.train_split={clip_split}",
+            "--recipe-set", "supervised:data.train_split=train", *extra]
+
+
+@pytest.fixture(scope="module")
+def grid(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    data = compare.run(_argv(tiny_dataset, out))
+    return out, data
+
+
+def _results(out: Path) -> dict[str, Path]:
+    return {p.parent.name: p for p in sorted((out / "runs").glob("*/result.json"))}
+
+
+def test_grid_writes_runs_and_aggregate(grid, tiny_dataset):
+    out, _ = grid
+    results = _results(out)
+    assert set(results) == {"clip-seed0", "clip-seed1", "supervised-seed0", "supervised-seed1"}
+    manifest_sha = hashlib.sha256((Path(tiny_dataset) / "manifest.jsonl").read_bytes()).hexdigest()
+    for name, path in results.items():
+        r = json.loads(path.read_text())
+        assert r["benchmark"]["data"]["manifest_sha256"] == manifest_sha
+        assert r["benchmark"]["data"]["generator_version"] == dataset_version(tiny_dataset)["generator_version"]
+        assert r["budget"]["steps_done"] == 3 and r["budget"]["samples_seen"] == 12 and not r["capped"]
+        assert r["budget"]["flops_per_step"] > 0 and r["metrics"]["flops_total"] == 3 * r["budget"]["flops_per_step"]
+        assert r["config"]["train"]["seed"] == int(name[-1])
+        assert 0 <= r["metrics"]["probe_auroc@1"] <= 1
+    sup = json.loads(results["supervised-seed0"].read_text())
+    assert sup["train"]["data"] == "train" and 0 <= sup["metrics"]["head_auroc"] <= 1
+    assert "zeroshot_auroc" not in sup["metrics"] and set(sup["evaluation"]["meta"]["skipped_tasks"]) == {"zeroshot", "retrieval"}
+    clip = json.loads(results["clip-seed0"].read_text())
+    assert {"zeroshot_auroc", "i2t_R@1", "t2i_R@10"} <= set(clip["metrics"])
+    # the two recipes' FLOPs differ (CLIP also runs a text tower), seeds of one recipe do not
+    assert clip["budget"]["flops_per_step"] > sup["budget"]["flops_per_step"]
+
+    saved = json.loads((out / "results" / "tiny.json").read_text())
+    assert saved["benchmark"] == clip["benchmark"] and saved["machine"]["torch"] and saved["date"]
+    assert list(saved["recipes"]) == ["clip", "supervised"]
+    assert saved["recipes"]["clip"]["metrics"]["steps"] == {"mean": 3.0, "sd": 0.0, "n": 2}
+    seeds_auc = [json.loads(results[f"clip-seed{k}"].read_text())["metrics"]["zeroshot_auroc"] for k in (0, 1)]
+    assert saved["recipes"]["clip"]["metrics"]["zeroshot_auroc"] == stats(seeds_auc)
+    md = (out / "results" / "tiny.md").read_text()
+    assert "python benchmarks/compare.py --name tiny" in md and "| supervised | 2 | train |" in md and " ± " in md
+
+
+def test_rerun_skips_finished_and_resumes_interrupted(grid, tiny_dataset):
+    out, _ = grid
+    before = {name: (p.stat().st_mtime_ns, p.read_text()) for name, p in _results(out).items()}
+    logs = {name: (out / "runs" / name / "train" / "metrics.jsonl").read_text() for name in before}
+    compare.run(_argv(tiny_dataset, out))
+    assert {name: (p.stat().st_mtime_ns, p.read_text()) for name, p in _results(out).items()} == before
+    assert {name: (out / "runs" / name / "train" / "metrics.jsonl").read_text() for name in before} == logs  # no training
+
+    # interrupt clip-seed1 after its step-2 checkpoint: no result, no later checkpoint
+    run = out / "runs" / "clip-seed1"
+    (run / "result.json").unlink()
+    ckpts = sorted((run / "train" / "checkpoints").iterdir())
+    assert ckpts[-1].name == "step_00000003"
+    shutil.rmtree(ckpts[-1])
+    compare.run(_argv(tiny_dataset, out))
+    resumed = json.loads((run / "result.json").read_text())
+    assert resumed["resumed_from_step"] == 2 and resumed["budget"]["steps_done"] == 3
+    steps_logged = [json.loads(line)["step"] for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == [1, 2, 3, 3]  # only step 3 was trained again
+    for name in ("clip-seed0", "supervised-seed0", "supervised-seed1"):
+        assert (out / "runs" / name / "result.json").stat().st_mtime_ns == before[name][0]
+
+
+def test_wall_time_cap_stops_and_marks_capped(tiny_dataset, tmp_path):
+    data = compare.run(_argv(tiny_dataset, tmp_path, "--max-minutes", "1e-5", recipes="supervised", seeds="0", steps=50))
+    r = json.loads((tmp_path / "runs" / "supervised-seed0" / "result.json").read_text())
+    assert r["capped"] and r["budget"]["steps_done"] < 50
+    state = json.loads((Path(r["train"]["checkpoint"]) / "trainer_state.json").read_text())
+    assert state["time_limited"] and state["step"] == r["budget"]["steps_done"]
+    assert 0 <= r["metrics"]["head_auroc"] <= 1  # evaluated where it stopped
+    assert data["recipes"]["supervised"]["capped_seeds"] == [0]
+    assert "supervised (1 capped)" in (tmp_path / "results" / "tiny.md").read_text()
+
+
+def test_mismatched_versions_refuse_to_aggregate(grid, tiny_dataset, capsys):
+    out, _ = grid
+    results = [json.loads(p.read_text()) for p in _results(out).values()]
+    other = copy.deepcopy(results[0])
+    other["benchmark"]["data"]["manifest_sha256"] = "0" * 64
+    with pytest.raises(ConfigError, match="different benchmark versions"):
+        aggregate([*results, other])
+    # a finished run of another version in the out folder: the runner stops instead of mixing
+    path = out / "runs" / "supervised-seed1" / "result.json"
+    original = path.read_text()
+    path.write_text(json.dumps(dict(json.loads(original), benchmark=other["benchmark"])))
+    try:
+        assert compare.main(_argv(tiny_dataset, out)) == 2
+        assert "another benchmark version" in capsys.readouterr().err
+    finally:
+        path.write_text(original)
+
+
+def test_runner_owned_keys_are_rejected(tiny_dataset, tmp_path, capsys):
+    assert compare.main(_argv(tiny_dataset, tmp_path, "--set", "train.steps=5")) == 2
+    assert "--steps" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

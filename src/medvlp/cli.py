@@ -33,6 +33,9 @@ def _add_synth(sub) -> None:
     p.add_argument("--shards", action="store_true", help="also write webdataset-style tar shards under OUT/shards")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--no-masks", action="store_true", help="do not write the per-finding mask images")
+    p.add_argument("--real-reports", default=None, metavar="SOURCE",
+                   help="also render the real IU chest X-ray reports as extra subjects: 'iu' (the torchxrayvision "
+                        "wheel in the cache, downloaded if absent) or a wheel / NLMCXR_reports.tgz path")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -95,7 +98,7 @@ def cmd_synth(args) -> int:
     path = generate(args.out, preset=args.preset, subjects=args.subjects,
                     studies_per_subject=tuple(args.studies) if args.studies else None, image_size=args.image_size,
                     seed=args.seed, workers=args.workers, shards=args.shards, shard_size=args.shard_size,
-                    masks=not args.no_masks, progress=not args.no_progress)
+                    masks=not args.no_masks, progress=not args.no_progress, real_reports=args.real_reports)
     print(f"wrote {path}")
     return 0
 

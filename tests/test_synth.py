@@ -14,7 +14,13 @@ from medvlp.data.sample import NEGATIVE, POSITIVE
 from medvlp.data.shards import iter_shard
 from medvlp.data.synth import CLASSES, GENERATOR_VERSION, generate
 from medvlp.data.synth.generator import (
-    PRESETS, REPORT_SPLITS, SPLITS, assign_splits, decode_mask, frozen_versions, mask_bits,
+    PRESETS,
+    REPORT_SPLITS,
+    SPLITS,
+    assign_splits,
+    decode_mask,
+    frozen_versions,
+    mask_bits,
 )
 from medvlp.data.synth.reports import report_contract
 from medvlp.data.synth.vqa import OPEN_ANSWERS

@@ -172,6 +172,7 @@ def run_cell(cell: Cell, benchmark: dict, flops_per_step: int, args) -> dict:
     resumed_from = None
     if cell.recipe == RANDOM_INIT:
         method, tokenizer, subjects = _init_model(cfg)
+        images: set[str] = set()  # nothing was trained on
         state, checkpoint = {"step": 0, "train_seconds": 0.0, "time_limited": False}, None
     else:
         latest = latest_checkpoint(cell.dir / "train")
@@ -182,9 +183,11 @@ def run_cell(cell: Cell, benchmark: dict, flops_per_step: int, args) -> dict:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         bundle = load_bundle(checkpoint, device=args.device or "cpu")
         method, tokenizer, subjects = bundle.method, bundle.tokenizer, bundle.pretrain_subject_hashes
+        images = bundle.pretrain_image_hashes
     t0 = time.perf_counter()
     eval_dir = cell.dir / "eval"
     evaluate_models({cell.recipe: (method, tokenizer)}, cfg, cfg.data.manifest, eval_dir, pretrain_subjects=subjects,
+                    pretrain_images=images,
                     device=args.device or "cpu", progress=False)
     evaluation = json.loads((eval_dir / "metrics.json").read_text())[cell.recipe]  # NaN already made null
     eval_s = time.perf_counter() - t0

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvlp.config import ExperimentConfig
-from medvlp.data.manifest import write_manifest
+from medvlp.data.manifest import read_manifest, write_manifest
 from medvlp.data.sample import hash_subject, MISSING, POSITIVE, UNCERTAIN, Batch, Sample
 from medvlp.errors import EvaluationError
 from medvlp.eval import runner
@@ -257,6 +257,21 @@ def test_runner_refuses_pretrain_subject_overlap(stub_dataset):
         runner.evaluate_models({"stub": (StubModel(), None)}, cfg, tmp_path / "data", tmp_path / "out",
                                pretrain_subjects={hash_subject(x) for x in ("p0", "p3", "p40")}, progress=False, prompts=prompt_file)
     assert not (tmp_path / "out").exists()
+
+
+def test_runner_refuses_test_images_identical_to_pretraining_images(stub_dataset):
+    tmp_path, cfg, prompt_file = stub_dataset
+    samples = read_manifest(tmp_path / "data")
+    for s in samples:
+        s.meta["image_sha256"] = f"hash-{s.id}"
+    write_manifest(tmp_path / "data", samples, {"name": "stub", "classes": CLASSES})
+    with pytest.raises(EvaluationError, match=r"1 images of the test split 'test' are pixel-identical.*img7"):
+        runner.evaluate_models({"stub": (StubModel(), None)}, cfg, tmp_path / "data", tmp_path / "out",
+                               pretrain_subjects=set(), pretrain_images={"hash-img7", "hash-img90"}, progress=False,
+                               prompts=prompt_file)
+    # a hash seen only outside the test split is fine
+    runner.evaluate_models({"stub": (StubModel(), None)}, cfg, tmp_path / "data", tmp_path / "out",
+                           pretrain_subjects=set(), pretrain_images={"hash-img90"}, progress=False, prompts=prompt_file)
 
 
 def test_runner_refuses_probe_split_sharing_test_subjects(stub_dataset, tmp_path):

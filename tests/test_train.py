@@ -111,8 +111,11 @@ def test_checkpoint_is_safetensors_and_json_only(tiny_cfg):
             assert f.suffix in (".safetensors", ".json", ".txt"), f
     config = json.loads((path / "config.json").read_text())
     assert config["preprocess"]["image_size"] == 32 and config["classes"]
-    subjects = json.loads((path / "pretrain_subjects.json").read_text())["sha256"]
-    assert all(len(h) == 64 for h in subjects)  # hashed, never raw ids
+    seen = json.loads((path / "pretrain_subjects.json").read_text())
+    assert all(len(h) == 64 for h in seen["sha256"])  # hashed, never raw ids
+    cfg = tiny_cfg()
+    expected = {s.meta["image_sha256"] for s in read_manifest(cfg.data.manifest, ["pretrain"])}
+    assert set(seen["image_sha256"]) == expected  # pixel hashes of exactly the pre-training images
 
 
 def test_corrupt_image_is_skipped_and_listed(tiny_dataset, tiny_cfg, tmp_path):

@@ -136,7 +136,9 @@ def cmd_evaluate(args) -> int:
         models["random-init"] = (base.method, base.tokenizer)
     subjects = set().union(*(b.pretrain_subject_hashes for b in bundles))
     out = Path(args.out) if args.out else first.path / "eval"
-    results = evaluate_models(models, cfg, data, out, pretrain_subjects=subjects, device=args.device)
+    images = set().union(*(b.pretrain_image_hashes for b in bundles))
+    results = evaluate_models(models, cfg, data, out, pretrain_subjects=subjects, pretrain_images=images,
+                              device=args.device)
     print(format_table(results))
     print(f"report: {out / 'report.md'}")
     return 0

@@ -63,7 +63,8 @@ def run_demo(out: str | Path, *, config: str | None = None, overrides: list[str]
     t2 = time.perf_counter()
     results = evaluate_models(
         {"clip": (trained.method, trained.tokenizer), "random-init": (baseline.method, baseline.tokenizer)},
-        trained.cfg, data_dir, report_dir, pretrain_subjects=trained.pretrain_subject_hashes, progress=progress,
+        trained.cfg, data_dir, report_dir, pretrain_subjects=trained.pretrain_subject_hashes,
+        pretrain_images=trained.pretrain_image_hashes, progress=progress,
     )
     timing["evaluate_s"] = time.perf_counter() - t2
     print()

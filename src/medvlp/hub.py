@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ class Bundle:
     preprocess: dict
     pretrain_subject_hashes: set[str]
     path: Path
+    pretrain_image_hashes: set[str] = field(default_factory=set)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -65,5 +66,6 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu", weights
     method = build_method(cfg, tokenizer, load_text_weights=False)
     if weights:
         load_weights(method, path)
-    subjects = json.loads((path / "pretrain_subjects.json").read_text())["sha256"]
-    return Bundle(method.to(device).eval(), tokenizer, cfg, config["classes"], config["preprocess"], set(subjects), path)
+    seen = json.loads((path / "pretrain_subjects.json").read_text())
+    return Bundle(method.to(device).eval(), tokenizer, cfg, config["classes"], config["preprocess"], set(seen["sha256"]),
+                  path, set(seen.get("image_sha256", [])))

@@ -155,9 +155,24 @@ def zero_shot_logit_scale(model: nn.Module) -> float:
     return float(torch.as_tensor(param).detach().float().exp().clamp(max=MAX_ZERO_SHOT_SCALE))
 
 
-def _read_splits(cfg, dataset: str | Path, tasks: Sequence[str],
-                 pretrain_subjects: Optional[set[str]]) -> tuple[list[Sample], list[Sample] | None]:
+def check_image_overlap(test: Sequence[Sample], seen: Optional[set[str]], *, test_split: str, limit: int = 5) -> None:
+    """Raise :class:`EvaluationError` when a test image (by the pixel hash its manifest row
+    holds in ``meta["image_sha256"]``) was a pre-training image, whatever its subject id."""
+    if not seen:
+        return
+    dup = [s.id for s in test if s.meta.get("image_sha256") in seen]
+    if dup:
+        raise EvaluationError(
+            f"{len(dup)} images of the test split {test_split!r} are pixel-identical to pre-training images "
+            f"(same image_sha256), e.g. {', '.join(dup[:limit])}. Fix: remove the duplicates from one side "
+            "(deduplicate the dataset by image hash) before evaluating."
+        )
+
+
+def _read_splits(cfg, dataset: str | Path, tasks: Sequence[str], pretrain_subjects: Optional[set[str]],
+                 pretrain_images: Optional[set[str]] = None) -> tuple[list[Sample], list[Sample] | None]:
     test = read_manifest(dataset, [cfg.eval.split])
+    check_image_overlap(test, pretrain_images, test_split=cfg.eval.split)
     if pretrain_subjects is None:
         log.warning("pretrain_subjects not given: cannot check that test subjects were unseen in pre-training")
     check_subject_overlap(
@@ -188,6 +203,7 @@ def evaluate_models(
     out_dir: str | Path,
     *,
     pretrain_subjects: Optional[set[str]],
+    pretrain_images: Optional[set[str]] = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
     prompts: str | Path | None = None,
@@ -202,6 +218,8 @@ def evaluate_models(
         pretrain_subjects: SHA-256 hashes of the subject ids seen in pre-training (as a
             checkpoint's pretrain_subjects.json holds them); evaluation refuses to run
             when a test subject is among them (None: not checked, a warning is logged).
+        pretrain_images: pixel hashes of the pre-training images (``image_sha256`` in
+            pretrain_subjects.json); a test image among them is refused too.
         prompts: an optional zero-shot prompt file (see :mod:`medvlp.eval.prompts`).
     Returns ``{model name: {"zeroshot": ..., "retrieval": ..., "linear_probe": ..., "meta": ...}}``.
     """
@@ -215,7 +233,7 @@ def evaluate_models(
     classes = info.get("classes")
     if not classes:
         raise DataError(f"{dataset}: dataset.json lists no 'classes'; regenerate or re-prepare the dataset")
-    test, pool = _read_splits(cfg, dataset, tasks, pretrain_subjects)
+    test, pool = _read_splits(cfg, dataset, tasks, pretrain_subjects, pretrain_images)
     prompt_table = load_prompts(prompts or cfg.eval.prompts, classes) if "zeroshot" in tasks else None
     out_dir = Path(out_dir)
 

@@ -55,7 +55,8 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, cfg, tokenizer, classes: list[str],
-                    preprocess: dict, pretrain_subjects: Iterable[str] = (), optimizer=None, scheduler=None,
+                    preprocess: dict, pretrain_subjects: Iterable[str] = (), pretrain_images: Iterable[str] = (),
+                    optimizer=None, scheduler=None,
                     trainer_state: dict | None = None) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -70,7 +71,10 @@ def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, cfg, tok
     if text is not None and hasattr(text, "save_config"):
         text.save_config(tmp / "text_config")
     hashes = sorted({hash_subject(s) for s in pretrain_subjects})
-    (tmp / "pretrain_subjects.json").write_text(json.dumps({"sha256": hashes}) + "\n")
+    # Image hashes (SHA-256 of pixels, from the manifest) let evaluation refuse duplicates of
+    # pre-training images in a test split even under other subject ids.
+    images = sorted(set(pretrain_images))
+    (tmp / "pretrain_subjects.json").write_text(json.dumps({"sha256": hashes, "image_sha256": images}) + "\n")
     if optimizer is not None:
         tensors, meta = _optimizer_to_files(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))

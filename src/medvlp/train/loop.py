@@ -134,12 +134,13 @@ def pretrain(cfg, *, resume: bool = False, device: str | None = None) -> Path:
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     logger = RunLogger(run_dir, enabled=is_main_process(), tensorboard=cfg.train.tensorboard)
     subjects = sorted({s.subject_id for src in sources for s in src.samples})
+    image_hashes = sorted({s.meta["image_sha256"] for src in sources for s in src.samples if s.meta.get("image_sha256")})
 
     def save(at_step: int) -> Path:
         path = run_dir / ckpt.CKPT_DIR / f"step_{at_step:08d}"
         if is_main_process():
             ckpt.save_checkpoint(path, model=method, cfg=cfg, tokenizer=tokenizer, classes=classes,
-                                 preprocess=pre.to_dict(), pretrain_subjects=subjects, optimizer=optimizer,
+                                 preprocess=pre.to_dict(), pretrain_subjects=subjects, pretrain_images=image_hashes, optimizer=optimizer,
                                  scheduler=scheduler, trainer_state={"step": at_step, "position": {"batch": stream.position},
                                                                      "train_seconds": elapsed(), "time_limited": time_limited})
             ckpt.prune_checkpoints(run_dir, cfg.train.keep_checkpoints)

@@ -45,3 +45,15 @@ def test_list_names_every_registry(capsys):
     out = capsys.readouterr().out
     for word in ("methods:", "clip", "encoders:", "vit", "bert", "hf", "datasets:", "synthcxr"):
         assert word in out
+
+
+def test_synth_writes_a_dataset_and_reports_its_version(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["synth", "--out", str(out), "--subjects", "10", "--image-size", "32", "--workers", "1",
+                 "--shards", "--shard-size", "4", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "images (" in printed and "benchmark: none (not a frozen preset); generator 2." in printed
+    assert (out / "manifest.jsonl").is_file() and (out / "shards" / "shards.json").is_file()
+    assert any((out / "masks").rglob("*.png"))
+    assert main(["synth", "--out", str(out), "--subjects", "0", "--no-progress"]) == 2
+    assert "synth subjects: got 0" in capsys.readouterr().err

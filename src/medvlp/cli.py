@@ -99,7 +99,13 @@ def cmd_synth(args) -> int:
                     studies_per_subject=tuple(args.studies) if args.studies else None, image_size=args.image_size,
                     seed=args.seed, workers=args.workers, shards=args.shards, shard_size=args.shard_size,
                     masks=not args.no_masks, progress=not args.no_progress, real_reports=args.real_reports)
-    print(f"wrote {path}")
+    from medvlp.data.manifest import read_info
+
+    info = read_info(path)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(info["split_counts"].items()))
+    print(f"wrote {path}: {sum(info['split_counts'].values())} images ({counts})")
+    print(f"benchmark: {info.get('benchmark') or 'none (not a frozen preset)'}; generator {info['version']}, "
+          f"manifest sha256 {info['manifest_sha256'][:12]}")
     return 0
 
 

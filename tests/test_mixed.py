@@ -1,6 +1,7 @@
 """Mixed-source stream: exact per-batch mix, one rank per sample per epoch, flags, resume."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -103,3 +104,21 @@ def test_mixed_sources_are_validated_in_config(tiny_cfg):
         tiny_cfg("data.sources=[{split: pretrain, kind: paired, weight: 0}]")
     cfg = tiny_cfg("data.sources=[{split: pretrain, kind: paired, weight: 3}, {split: pretrain-unpaired, kind: unpaired}]")
     assert [s.kind for s in cfg.data.sources] == ["paired", "unpaired"] and isinstance(cfg.data.sources[0].weight, float)
+
+
+def test_loop_trains_an_image_only_method_on_label_only_sources(tiny_dataset, tmp_path):
+    """The stream serves every method: the supervised ceiling learns from two labeled sources
+    without any report (its bundle still carries a placeholder tokenizer)."""
+    from medvlp.config import load_config
+    from medvlp.hub import load_bundle
+    from medvlp.train import loop
+    from tests.conftest import TINY
+
+    cfg = load_config("configs/methods/supervised.yaml", [
+        *TINY, f"data.manifest={tiny_dataset}", f"train.output_dir={tmp_path / 'run'}", "train.steps=2",
+        "data.batch_size=4", "data.sources=[{split: train, kind: labeled}, {split: pretrain-labeled, kind: labeled}]"])
+    path = loop.pretrain(cfg)
+    bundle = load_bundle(path)
+    assert bundle.method.head_classes == bundle.classes and len(bundle.pretrain_subject_hashes) > 0
+    rows = [json.loads(x) for x in (path.parent.parent / "metrics.jsonl").read_text().splitlines()]
+    assert {"epoch/train/labeled", "epoch/pretrain-labeled/labeled"} <= set(rows[-1])

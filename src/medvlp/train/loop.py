@@ -81,7 +81,14 @@ def prepare_tokenizer(cfg, samples, resume_from: Path | None):
         return load_tokenizer(cfg.model.text.path)
     texts = [s.text(cfg.data.sections) for s in samples if s.has_text]
     if not texts:
-        raise DataError("no reports in the training split to train the tokenizer on; use a text.name 'hf' model")
+        from medvlp.registry import METHODS
+
+        if not getattr(METHODS.get(cfg.method.name), "supports_text", True):
+            # An image-only method still ships a tokenizer in its bundle (one format for every
+            # checkpoint); with no reports to learn from it is a placeholder vocabulary.
+            return train_wordpiece(["image only model without a text encoder"], 64)
+        raise DataError("no reports in the paired training data (data.sources of kind 'paired', or "
+                        "data.train_split) to train the tokenizer on; add a paired source or use a text.name 'hf' model")
     return train_wordpiece(texts, cfg.model.text.vocab_size)
 
 

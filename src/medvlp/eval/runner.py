@@ -172,7 +172,6 @@ def check_image_overlap(test: Sequence[Sample], seen: Optional[set[str]], *, tes
 def _read_splits(cfg, dataset: str | Path, tasks: Sequence[str], pretrain_subjects: Optional[set[str]],
                  pretrain_images: Optional[set[str]] = None) -> tuple[list[Sample], list[Sample] | None]:
     test = read_manifest(dataset, [cfg.eval.split])
-    check_image_overlap(test, pretrain_images, test_split=cfg.eval.split)
     if pretrain_subjects is None:
         log.warning("pretrain_subjects not given: cannot check that test subjects were unseen in pre-training")
     check_subject_overlap(
@@ -180,6 +179,7 @@ def _read_splits(cfg, dataset: str | Path, tasks: Sequence[str], pretrain_subjec
         fix="evaluate on a split whose subjects were held out of pre-training (eval.split), "
         "or pre-train without them (data.train_split).",
     )
+    check_image_overlap(test, pretrain_images, test_split=cfg.eval.split)  # duplicates under other ids
     if "linear_probe" not in tasks:
         return test, None
     if cfg.eval.probe_train_split == cfg.eval.split:

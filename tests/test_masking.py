@@ -69,3 +69,4 @@ def test_with_the_project_tokenizer_word_ids():
                                      first_ordinary_id=5, prob=1.0, generator=torch.Generator().manual_seed(0))
     words = enc["word_ids"] >= 0
     assert torch.equal(labels != IGNORE, words)  # prob 1: every word-piece, no special token
+    assert torch.equal(masked[~words], enc["input_ids"][~words]) and (masked[words] == mask_id).any()

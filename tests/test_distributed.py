@@ -73,6 +73,10 @@ def _global_batch():
     return images, texts, keys
 
 
+def _sinkhorn_scores():
+    return torch.randn(WORLD * PER_RANK, 4, generator=torch.Generator().manual_seed(7)) * 2
+
+
 def _loss_and_grads(model, loss_fn, images, texts, keys):
     model.zero_grad(set_to_none=True)
     loss = loss_fn(*model(images, texts), pair_keys=keys)
@@ -113,6 +117,12 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=with_grad)
         loss, grads = _loss_and_grads(model, loss_fn, images[rows], texts[rows], keys[rows] if use_keys else None)
         results[name] = (D.all_reduce_sum(loss.clone()) / WORLD, {n.removeprefix("module."): g for n, g in grads.items()})
+
+    # Sinkhorn: each rank codes its own rows; the column sums are reduced across ranks
+    from medvlp.losses.prototypes import sinkhorn
+
+    codes = sinkhorn(_sinkhorn_scores()[rows], eps=0.05, iters=5)
+    results["sinkhorn"] = D.gather_features(codes, gather_with_grad=False)
 
     # rank 1 sends its per-rank gather gradients to rank 0, which writes the file
     for with_grad in (True, False):
@@ -206,3 +216,14 @@ def test_global_loss_without_gather_grad_scales_encoder_gradients_by_world(two_r
     for param in ("image_encoder.weight", "image_encoder.bias", "text_encoder.weight", "text_encoder.bias"):
         torch.testing.assert_close(grads[param] * WORLD, ref_grads[param], **TOL)
     torch.testing.assert_close(grads["log_scale"], ref_grads["log_scale"], **TOL)
+
+
+def test_sinkhorn_across_ranks_equals_one_process(two_rank_results):
+    from medvlp.losses.prototypes import sinkhorn
+
+    single = sinkhorn(_sinkhorn_scores(), eps=0.05, iters=5)
+    torch.testing.assert_close(two_rank_results["sinkhorn"], single, **TOL)
+    # and per-rank Sinkhorn without the reduction would differ (guards against a no-op reduce)
+    halves = torch.cat([sinkhorn(_sinkhorn_scores()[r * PER_RANK:(r + 1) * PER_RANK], eps=0.05, iters=5)
+                        for r in range(WORLD)])
+    assert (halves - single).abs().max() > 1e-3

@@ -28,15 +28,15 @@ import torch.distributed as dist
 from medvlp.errors import ConfigError
 
 __all__ = [
-    "is_distributed",
-    "get_rank",
-    "get_world_size",
-    "is_main_process",
-    "init_distributed",
-    "destroy_distributed",
-    "gather_features",
     "all_reduce_sum",
     "barrier",
+    "destroy_distributed",
+    "gather_features",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_distributed",
+    "is_main_process",
 ]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -180,6 +180,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` in place over ranks (no-op when not distributed); returns it."""
     if is_distributed() and get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` in place over ranks (no-op when not distributed)."""
+    if is_distributed() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

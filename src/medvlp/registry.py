@@ -65,6 +65,7 @@ class Registry:
 
 def _load_methods() -> None:
     import medvlp.methods  # noqa: F401  (modules register on import)
+    import medvlp.methods.mae  # noqa: F401
     import medvlp.methods.supervised  # noqa: F401  (the supervised ceiling, a benchmark reference)
 
 

@@ -1,0 +1,96 @@
+"""MAE / MRM's image half: masked image modeling with a light decoder (image only).
+
+The ViT encodes a random 25 % of the patches (``mask_ratio`` 0.75, noise-argsort masking with
+restore ids); a light transformer decoder gets the encoded visible tokens (projected to its
+width) plus a shared learnable mask token at every hidden position, in the original patch
+order, with fixed 2-D sin-cos position embeddings, and predicts every patch's pixels; the loss
+is the normalised-pixel MSE on the masked patches only (:mod:`medvlp.losses.reconstruction`).
+
+From the MAE paper: the asymmetric encoder/decoder, mask ratio, mask token, per-patch
+normalised targets, loss on masked patches only. This project's choices: the decoder sees no
+[CLS] token; decoder width/depth default to 128 / 2 (MAE: 512 / 8) for CPU-sized models.
+There is no text tower: evaluation runs the linear probe on the encoder's pooled features and
+skips zero-shot and retrieval. MRM's report half (MLM conditioned on the image) comes with the
+masked-family recipes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvlp.config import MethodConfig
+from medvlp.errors import ConfigError
+from medvlp.losses.reconstruction import masked_patch_mse
+from medvlp.methods.base import Method
+from medvlp.registry import METHODS
+
+
+@dataclass
+class MaeConfig(MethodConfig):
+    name: str = "mae"
+    mask_ratio: float = 0.75
+    decoder_width: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix: bool = True
+
+    def validate(self, prefix: str) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"{prefix}.mask_ratio: must be within (0, 1), got {self.mask_ratio} (MAE uses 0.75)")
+        if self.decoder_width % self.decoder_heads or self.decoder_depth < 1:
+            raise ConfigError(f"{prefix}.decoder_width ({self.decoder_width}) must be divisible by decoder_heads "
+                              f"({self.decoder_heads}) and decoder_depth >= 1")
+
+
+@METHODS.register("mae", MaeConfig, "MAE: masked image modeling, normalised-pixel MSE on masked patches (image only)")
+class Mae(Method):
+    #: no text encoder: evaluation skips zero-shot and retrieval
+    supports_text = False
+
+    def __init__(self, cfg, tokenizer=None, *, load_text_weights: bool = True):
+        super().__init__()
+        from medvlp.models.vit import Block, VisionTransformer, sincos_pos_embed_2d
+
+        self.cfg = cfg.method
+        self.vision = VisionTransformer(cfg.model.vision)
+        m, width = self.cfg, self.vision.width
+        patch_dim = cfg.model.vision.patch_size ** 2 * cfg.model.vision.in_chans
+        self.decoder_embed = nn.Linear(width, m.decoder_width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, m.decoder_width))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.register_buffer("decoder_pos", sincos_pos_embed_2d(m.decoder_width, self.vision.grid_size)[None],
+                             persistent=False)
+        self.decoder = nn.ModuleList(Block(m.decoder_width, m.decoder_heads, 4.0, 0.0) for _ in range(m.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(m.decoder_width)
+        self.decoder_pred = nn.Linear(m.decoder_width, patch_dim)
+
+    no_weight_decay = (*Method.no_weight_decay, "mask_token")
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_features(images), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("MAE has no text encoder (zero-shot and retrieval do not apply)")
+
+    def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted patches (B, N, P), mask (B, N), 1 = hidden) for a fresh random mask."""
+        out = self.vision(images, mask_ratio=self.cfg.mask_ratio)
+        x = self.decoder_embed(out.tokens)
+        b, n = out.ids_restore.shape
+        x = torch.cat([x, self.mask_token.to(x.dtype).expand(b, n - x.shape[1], -1)], dim=1)
+        x = torch.gather(x, 1, out.ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # original order
+        x = x + self.decoder_pos.to(x.dtype)
+        for block in self.decoder:
+            x, _ = block(x)
+        return self.decoder_pred(self.decoder_norm(x)), out.mask
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        pred, mask = self.reconstruct(batch.images)
+        loss = masked_patch_mse(pred, self.vision.patchify(batch.images), mask, norm_pix=self.cfg.norm_pix)
+        return {"loss": loss, "loss_mim": loss.detach()}
+
+
+__all__ = ["Mae", "MaeConfig"]

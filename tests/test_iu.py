@@ -1,14 +1,13 @@
 """IU (NLMCXR) reader: a tiny XML/tgz/wheel fixture built here, and the real wheel when cached."""
 from __future__ import annotations
 
-import io
-import tarfile
 import zipfile
 
 import pytest
 
 from medvlp.data import iu
 from medvlp.errors import DataError
+from tests.iu_fixture import write_iu_tgz
 
 XML = """<?xml version="1.0" encoding="utf-8"?>
 <eCitation><uId id="CXR{n}"/><MedlineCitation><Article><Abstract>
@@ -28,17 +27,7 @@ def _tgz(tmp_path):
         (10, "Small right pleural effusion.", "Effusion.", ["Pleural Effusion/right/small"]),
         (2, "", "Normal chest x-XXXX.", ["normal"]),
     ]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for n, findings, impression, major in reports:
-            data = XML.format(n=n, findings=findings, impression=impression,
-                              major="".join(f"<major>{m}</major>" for m in major)).encode()
-            info = tarfile.TarInfo(f"ecgen-radiology/{n}.xml")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    path = tmp_path / "NLMCXR_reports.tgz"
-    path.write_bytes(buf.getvalue())
-    return path
+    return write_iu_tgz(tmp_path / "NLMCXR_reports.tgz", reports, XML)
 
 
 def test_reader_from_tgz_and_wheel(tmp_path):

@@ -1,9 +1,7 @@
 """Real IU reports rendered as SynthCXR studies: a tiny hand-written IU archive, and the real wheel when cached."""
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from medvlp.data.synth.anatomy import sample_anatomy
 from medvlp.data.synth.findings import make_finding
 from medvlp.data.synth.generator import REPORT_SPLITS, decode_mask
 from medvlp.data.synth.real import load_real_cases, merge_records, text_hints
+from tests.iu_fixture import write_iu_tgz
 
 SIZE = 64
 XML = """<?xml version="1.0" encoding="utf-8"?>
@@ -39,16 +38,7 @@ REPORTS = [
 
 
 def _tgz(path: Path) -> Path:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for n, findings, impression, major in REPORTS:
-            data = XML.format(n=n, findings=findings, impression=impression,
-                              major="".join(f"<major>{m}</major>" for m in major)).encode()
-            info = tarfile.TarInfo(f"ecgen-radiology/{n}.xml")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(buf.getvalue())
-    return path
+    return write_iu_tgz(path, REPORTS, XML)
 
 
 def _files(root: Path) -> dict[str, bytes]:

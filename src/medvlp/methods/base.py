@@ -40,6 +40,20 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
+
+class ImageOnlyMethod(Method):
+    """A method without a text encoder (MAE, the supervised ceiling): evaluation runs only
+    the image tasks (linear probe) and skips zero-shot and retrieval."""
+
+    supports_text = False
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        # only so generic image-embedding code runs; there is no shared text space
+        return torch.nn.functional.normalize(self.image_features(images), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no text encoder (zero-shot and retrieval do not apply)")
+
 def build_towers(cfg, tokenizer, *, load_text_weights: bool = True) -> tuple[nn.Module, nn.Module]:
     """The image and text encoders named by ``cfg.model`` (shared by every method).
     ``load_text_weights=False`` builds a Hugging Face text model from its config only

@@ -18,13 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medvlp.config import MethodConfig
 from medvlp.errors import ConfigError
 from medvlp.losses.reconstruction import masked_patch_mse
-from medvlp.methods.base import Method
+from medvlp.methods.base import ImageOnlyMethod, Method
 from medvlp.registry import METHODS
 
 
@@ -46,9 +45,7 @@ class MaeConfig(MethodConfig):
 
 
 @METHODS.register("mae", MaeConfig, "MAE: masked image modeling, normalised-pixel MSE on masked patches (image only)")
-class Mae(Method):
-    #: no text encoder: evaluation skips zero-shot and retrieval
-    supports_text = False
+class Mae(ImageOnlyMethod):
 
     def __init__(self, cfg, tokenizer=None, *, load_text_weights: bool = True):
         super().__init__()
@@ -68,12 +65,6 @@ class Mae(Method):
         self.decoder_pred = nn.Linear(m.decoder_width, patch_dim)
 
     no_weight_decay = (*Method.no_weight_decay, "mask_token")
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_features(images), dim=-1)
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("MAE has no text encoder (zero-shot and retrieval do not apply)")
 
     def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted patches (B, N, P), mask (B, N), 1 = hidden) for a fresh random mask."""

@@ -29,7 +29,7 @@ from torch import nn
 from medvlp.config import MethodConfig
 from medvlp.data.sample import NEGATIVE, POSITIVE, UNCERTAIN
 from medvlp.errors import ConfigError, DataError
-from medvlp.methods.base import Method
+from medvlp.methods.base import ImageOnlyMethod
 from medvlp.registry import METHODS
 
 
@@ -86,9 +86,7 @@ def resolve_classes(cfg) -> list[str]:
 
 
 @METHODS.register("supervised", SupervisedConfig, "Supervised ceiling: CLIP's ViT + linear head, masked BCE on labels")
-class Supervised(Method):
-    #: no text encoder: evaluation skips zero-shot and retrieval for this method
-    supports_text = False
+class Supervised(ImageOnlyMethod):
 
     def __init__(self, cfg, tokenizer=None, *, load_text_weights: bool = True):
         super().__init__()
@@ -103,12 +101,7 @@ class Supervised(Method):
         """Pooled encoder features (N, D) -> class logits (N, K)."""
         return self.head(features)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        # only so generic image-embedding code runs; there is no shared text space to compare with
-        return F.normalize(self.image_features(images), dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("the supervised method has no text encoder (zero-shot and retrieval do not apply)")
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
         if batch.labels is None or batch.labels.shape[1] != len(self.head_classes):

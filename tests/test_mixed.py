@@ -122,3 +122,20 @@ def test_loop_trains_an_image_only_method_on_label_only_sources(tiny_dataset, tm
     assert bundle.method.head_classes == bundle.classes and len(bundle.pretrain_subject_hashes) > 0
     rows = [json.loads(x) for x in (path.parent.parent / "metrics.jsonl").read_text().splitlines()]
     assert {"epoch/train/labeled", "epoch/pretrain-labeled/labeled"} <= set(rows[-1])
+
+
+def test_subject_ranges_split_one_split_into_disjoint_parts(tiny_cfg):
+    cfg = tiny_cfg()
+    cfg.data.sources = [SourceConfig(split="pretrain", kind="paired", subjects=[0.0, 0.5]),
+                        SourceConfig(split="pretrain", kind="unpaired", subjects=[0.5, 1.0])]
+    paired, unpaired = read_sources(cfg)
+    everything = read_sources(tiny_cfg())[0].samples  # data.train_split = pretrain, all subjects
+    a, b = {s.subject_id for s in paired.samples}, {s.subject_id for s in unpaired.samples}
+    assert a and b and not a & b and a | b == {s.subject_id for s in everything}
+    assert len(paired.samples) + len(unpaired.samples) == len(everything)
+    cfg.data.sources = [SourceConfig(split="pretrain", kind="paired", subjects=[0.0, 0.6]),
+                        SourceConfig(split="pretrain", kind="paired", subjects=[0.5, 1.0])]
+    with pytest.raises(ConfigError, match="overlapping"):
+        read_sources(cfg)
+    with pytest.raises(ConfigError, match="subjects"):
+        SourceConfig(split="pretrain", subjects=[0.5, 0.2]).validate("data.sources[0]")

@@ -72,15 +72,23 @@ class ModelConfig:
 class SourceConfig:
     """One source of the mixed pre-training stream: a split of the manifest used as
     ``paired`` (image + report), ``unpaired`` (image only: report and labels withheld) or
-    ``labeled`` (image + labels: report withheld) samples, drawn with relative ``weight``."""
+    ``labeled`` (image + labels: report withheld) samples, drawn with relative ``weight``.
+    ``subjects: [lo, hi]`` keeps only the subjects whose hash falls in that part of [0, 1)
+    (a deterministic, subject-level subset: complementary ranges of one split give, e.g., a
+    10 % paired part and a 90 % unpaired part)."""
 
     split: str = "train"
     kind: Literal["paired", "unpaired", "labeled"] = "paired"
     weight: float = 1.0
+    subjects: list[float] = field(default_factory=lambda: [0.0, 1.0])
 
     def validate(self, prefix: str) -> None:
         if not self.weight > 0:
             raise ConfigError(f"{prefix}.weight: must be > 0, got {self.weight!r} (drop the source instead)")
+        r = self.subjects
+        if len(r) != 2 or not 0.0 <= r[0] < r[1] <= 1.0:
+            raise ConfigError(f"{prefix}.subjects: must be [lo, hi] with 0 <= lo < hi <= 1, got {r!r} "
+                              "(e.g. [0.0, 0.1] for a 10 % subject subset)")
 
 
 @dataclass

@@ -64,9 +64,14 @@ class Registry:
 
 
 def _load_methods() -> None:
-    import medvlp.methods  # noqa: F401  (modules register on import)
-    import medvlp.methods.mae  # noqa: F401
-    import medvlp.methods.supervised  # noqa: F401  (the supervised ceiling, a benchmark reference)
+    """Import every module of :mod:`medvlp.methods` (each registers its recipe on import)."""
+    import importlib
+    import pkgutil
+
+    import medvlp.methods
+
+    for info in pkgutil.iter_modules(medvlp.methods.__path__):
+        importlib.import_module(f"medvlp.methods.{info.name}")
 
 
 def _load_encoders() -> None:

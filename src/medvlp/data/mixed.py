@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from medvlp.config import SourceConfig
 from medvlp.data.loader import Collator, ImageTextDataset, check_images_exist
 from medvlp.data.manifest import read_manifest
-from medvlp.data.sample import Batch, Sample
+from medvlp.data.sample import Batch, Sample, hash_subject
 from medvlp.errors import ConfigError, DataError
 
 KINDS = ("paired", "unpaired", "labeled")
@@ -48,13 +48,21 @@ class Source:
 def read_sources(cfg) -> list[Source]:
     """The configured sources with their samples (``data.train_split`` as paired if none)."""
     specs = cfg.data.sources or [SourceConfig(split=cfg.data.train_split, kind="paired", weight=1.0)]
-    seen: set[tuple[str, str]] = set()
+    seen: dict[tuple[str, str], list[tuple[float, float]]] = {}
     sources = []
     for spec in specs:
-        if (spec.split, spec.kind) in seen:
-            raise ConfigError(f"data.sources: split {spec.split!r} is listed twice as {spec.kind!r}; merge the entries")
-        seen.add((spec.split, spec.kind))
+        lo, hi = spec.subjects
+        taken = seen.setdefault((spec.split, spec.kind), [])
+        if any(lo < b and a < hi for a, b in taken):
+            raise ConfigError(f"data.sources: split {spec.split!r} is listed twice as {spec.kind!r} with overlapping "
+                              "subjects ranges; merge the entries")
+        taken.append((lo, hi))
         samples = read_manifest(cfg.data.manifest, [spec.split])
+        if (lo, hi) != (0.0, 1.0):
+            samples = [s for s in samples if lo <= subject_position(s.subject_id) < hi]
+            if not samples:
+                raise DataError(f"data.sources: split {spec.split!r} has no subjects in subjects: [{lo}, {hi}]; "
+                                "widen the range")
         if spec.kind == "paired":
             dropped = sum(not s.has_text for s in samples)
             samples = [s for s in samples if s.has_text]
@@ -64,6 +72,11 @@ def read_sources(cfg) -> list[Source]:
         check_images_exist(samples)
         sources.append(Source(spec.split, spec.kind, float(spec.weight), samples))
     return sources
+
+
+def subject_position(subject_id: str) -> float:
+    """A subject's fixed place in [0, 1), from its hash: what ``subjects: [lo, hi]`` selects on."""
+    return int(hash_subject(subject_id)[:13], 16) / 16**13
 
 
 def batch_counts(weights: Sequence[float], batch_size: int) -> list[int]:

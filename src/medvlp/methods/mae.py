@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from medvlp.config import MethodConfig
 from medvlp.errors import ConfigError
@@ -49,34 +48,21 @@ class Mae(ImageOnlyMethod):
 
     def __init__(self, cfg, tokenizer=None, *, load_text_weights: bool = True):
         super().__init__()
-        from medvlp.models.vit import Block, VisionTransformer, sincos_pos_embed_2d
+        from medvlp.models.decoder import MaskedTokenDecoder
+        from medvlp.models.vit import VisionTransformer
 
-        self.cfg = cfg.method
+        self.cfg = m = cfg.method
         self.vision = VisionTransformer(cfg.model.vision)
-        m, width = self.cfg, self.vision.width
         patch_dim = cfg.model.vision.patch_size ** 2 * cfg.model.vision.in_chans
-        self.decoder_embed = nn.Linear(width, m.decoder_width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, m.decoder_width))
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.register_buffer("decoder_pos", sincos_pos_embed_2d(m.decoder_width, self.vision.grid_size)[None],
-                             persistent=False)
-        self.decoder = nn.ModuleList(Block(m.decoder_width, m.decoder_heads, 4.0, 0.0) for _ in range(m.decoder_depth))
-        self.decoder_norm = nn.LayerNorm(m.decoder_width)
-        self.decoder_pred = nn.Linear(m.decoder_width, patch_dim)
+        self.decoder = MaskedTokenDecoder(self.vision.width, patch_dim, self.vision.grid_size,
+                                          width=m.decoder_width, depth=m.decoder_depth, heads=m.decoder_heads)
 
     no_weight_decay = (*Method.no_weight_decay, "mask_token")
 
     def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted patches (B, N, P), mask (B, N), 1 = hidden) for a fresh random mask."""
         out = self.vision(images, mask_ratio=self.cfg.mask_ratio)
-        x = self.decoder_embed(out.tokens)
-        b, n = out.ids_restore.shape
-        x = torch.cat([x, self.mask_token.to(x.dtype).expand(b, n - x.shape[1], -1)], dim=1)
-        x = torch.gather(x, 1, out.ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # original order
-        x = x + self.decoder_pos.to(x.dtype)
-        for block in self.decoder:
-            x, _ = block(x)
-        return self.decoder_pred(self.decoder_norm(x)), out.mask
+        return self.decoder(out.tokens, out.ids_restore), out.mask
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
         pred, mask = self.reconstruct(batch.images)

@@ -10,8 +10,7 @@ From the MAE paper: the asymmetric encoder/decoder, mask ratio, mask token, per-
 normalised targets, loss on masked patches only. This project's choices: the decoder sees no
 [CLS] token; decoder width/depth default to 128 / 2 (MAE: 512 / 8) for CPU-sized models.
 There is no text tower: evaluation runs the linear probe on the encoder's pooled features and
-skips zero-shot and retrieval. MRM's report half (MLM conditioned on the image) comes with the
-masked-family recipes.
+skips zero-shot and retrieval. MRM (:mod:`medvlp.methods.mrm`) adds the report half.
 """
 from __future__ import annotations
 

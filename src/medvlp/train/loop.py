@@ -83,9 +83,11 @@ def prepare_tokenizer(cfg, samples, resume_from: Path | None):
     if not texts:
         from medvlp.registry import METHODS
 
-        if not getattr(METHODS.get(cfg.method.name), "supports_text", True):
+        method_cls = METHODS.get(cfg.method.name)
+        if not getattr(method_cls, "supports_text", True) and not getattr(method_cls, "needs_tokenizer", False):
             # An image-only method still ships a tokenizer in its bundle (one format for every
-            # checkpoint); with no reports to learn from it is a placeholder vocabulary.
+            # checkpoint); with no reports to learn from it is a placeholder vocabulary. An
+            # image-only-evaluated method that trains a text tower (MRM) sets needs_tokenizer.
             return train_wordpiece(["image only model without a text encoder"], 64)
         raise DataError("no reports in the paired training data (data.sources of kind 'paired', or "
                         "data.train_split) to train the tokenizer on; add a paired source or use a text.name 'hf' model")

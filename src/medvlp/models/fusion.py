@@ -44,9 +44,12 @@ class _Block(nn.Module):
         self.self_attn, self.cross_attn = _Attention(dim, heads), _Attention(dim, heads)
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
 
-    def forward(self, x, own_padding, context, context_padding, memory: torch.Tensor | None = None):
+    def forward(self, x, own_padding, context, context_padding, memory: torch.Tensor | None = None,
+                first_only: bool = False):
         h = self.n1(x)
-        x = x + self.self_attn(h, h, own_padding)
+        if first_only:  # only position 0's output is wanted; keys/values still see the whole stream
+            x = x[:, :1]
+        x = x + self.self_attn(h[:, :1] if first_only else h, h, own_padding)
         if memory is not None:  # extend keys/values by the memory slots (never padded)
             context = torch.cat([context, memory.unsqueeze(0).expand(context.shape[0], -1, -1)], dim=1)
             if context_padding is not None:
@@ -58,7 +61,11 @@ class _Block(nn.Module):
 
 class FusionEncoder(nn.Module):
     """``forward(image_tokens (B, N, D), text_tokens (B, L, D), text_padding (B, L) | None)
-    -> (fused image tokens (B, N, D), fused text tokens (B, L, D))``."""
+    -> (fused image tokens (B, N, D), fused text tokens (B, L, D))``.
+
+    ``first_token_only=True`` computes, in the last layer, only the first position of each
+    stream (the [CLS] rows, e.g. for image-text matching): outputs are (B, 1, D), equal to
+    position 0 of the full outputs, at a fraction of the last layer's cost."""
 
     def __init__(self, dim: int, depth: int = 2, heads: int = 4, mlp_ratio: float = 4.0, memory_slots: int = 0):
         super().__init__()
@@ -68,9 +75,12 @@ class FusionEncoder(nn.Module):
         self.norm_image, self.norm_text = nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
-                text_padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                text_padding: torch.Tensor | None = None, first_token_only: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         img, txt = image_tokens, text_tokens
-        for img_block, txt_block in zip(self.image_blocks, self.text_blocks):
-            img, txt = (img_block(img, None, txt, text_padding),
-                        txt_block(txt, text_padding, img, None, memory=self.memory))
+        last = len(self.image_blocks) - 1
+        for i, (img_block, txt_block) in enumerate(zip(self.image_blocks, self.text_blocks)):
+            first = first_token_only and i == last
+            img, txt = (img_block(img, None, txt, text_padding, first_only=first),
+                        txt_block(txt, text_padding, img, None, memory=self.memory, first_only=first))
         return self.norm_image(img), self.norm_text(txt)

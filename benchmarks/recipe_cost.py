@@ -50,7 +50,7 @@ def child(args) -> dict:
     import torch
     from compare import _init_model, parse_recipe_sets, recipe_config
 
-    from medvlp.bench import first_batch
+    from medvlp.bench import first_batch, step_flops
     from medvlp.data.manifest import read_info
     from medvlp.train.optim import build_optimizer
 
@@ -76,9 +76,10 @@ def child(args) -> dict:
             if step >= args.warmup:
                 times.append(time.perf_counter() - t0)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        flops = step_flops(method, batch)  # exact: forward + backward of this batch (optimizer excluded)
         n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
     return {"recipe": args.child, "step_s": statistics.median(times), "steps": times, "peak_rss_mib": peak,
-            "built_rss_mib": built, "train_growth_mib": peak - built, "trainable_params": n_params,
+            "built_rss_mib": built, "train_growth_mib": peak - built, "trainable_params": n_params, "flops": flops,
             "batch_size": len(batch), "paired_in_batch": int(batch.has_text.sum()) if batch.has_text is not None else 0}
 
 
@@ -89,13 +90,13 @@ def render(data: dict) -> str:
         (f"Machine: {data['machine']}. {data['threads']} torch thread(s); batch {data['batch_size']}; "
         f"{data['steps']} timed steps after {data['warmup']} warm-up steps per (round, recipe); {data['rounds']} rounds "
         "with alternating order; ratios are medians over rounds of the ratio to CLIP in the same round."), "",
-        "| recipe | step (s) | x CLIP step | peak RSS (MiB) | x CLIP peak | training growth (MiB) | x CLIP growth | trainable params (M) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| recipe | step (s) | x CLIP step | GFLOP / step | x CLIP FLOPs | peak RSS (MiB) | x CLIP peak | training growth (MiB) | x CLIP growth | trainable params (M) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in data["recipes"].items():
-        lines.append(f"| {name} | {r['step_s']:.3f} | {r['step_ratio']:.2f} | {r['peak_rss_mib']:.0f} | {r['peak_ratio']:.2f} | "
+        lines.append(f"| {name} | {r['step_s']:.3f} | {r['step_ratio']:.2f} | {r['gflops']:.1f} | {r['flops_ratio']:.2f} | {r['peak_rss_mib']:.0f} | {r['peak_ratio']:.2f} | "
                      f"{r['train_growth_mib']:.0f} | {r['growth_ratio']:.2f} | {r['trainable_params'] / 1e6:.2f} |")
-    lines += ["", ("Peak RSS is the whole process (Python, torch, the model, one batch); training growth is the peak "
+    lines += ["", ("FLOPs are exact (forward + backward of the batch, torch's FlopCounterMode); step times on this shared 2-core VM vary by +-20 % between rounds (per-round ratios in the JSON). Peak RSS is the whole process (Python, torch, the model, one batch); training growth is the peak "
               "minus the RSS after building the model, optimizer and batch (activations, gradients, optimizer state).")]
     return "\n".join(lines) + "\n"
 
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                     "peak_rss_mib": med(name, "peak_rss_mib"), "peak_ratio": ratio(name, "peak_rss_mib"),
                     "train_growth_mib": med(name, "train_growth_mib"), "growth_ratio": ratio(name, "train_growth_mib"),
                     "trainable_params": rounds[0][name]["trainable_params"],
+                    "gflops": rounds[0][name]["flops"] / 1e9,
+                    "flops_ratio": rounds[0][name]["flops"] / rounds[0]["clip"]["flops"],
                     "paired_in_batch": rounds[0][name]["paired_in_batch"]}
              for name in recipes}
     m = machine_info()

@@ -135,12 +135,15 @@ def check_same_version(results: Sequence[dict]) -> dict:
 #: (metric key in a result's "metrics", column title) in table order
 COLUMNS = [
     ("zeroshot_auroc", "zero-shot AUROC"),
+    ("zeroshot_learned_auroc", "zero-shot AUROC (learned prompts)"),
     ("probe_auroc@0.01", "probe AUROC 1 %"),
     ("probe_auroc@0.1", "probe AUROC 10 %"),
     ("probe_auroc@1", "probe AUROC 100 %"),
     ("i2t_R@1", "i→t R@1"), ("i2t_R@5", "i→t R@5"), ("i2t_R@10", "i→t R@10"),
     ("t2i_R@1", "t→i R@1"), ("t2i_R@5", "t→i R@5"), ("t2i_R@10", "t→i R@10"),
     ("head_auroc", "head AUROC"),
+    ("prompt_tuning_auroc@0.01", "prompt tuning AUROC 1 %"),
+    ("pointing_game", "pointing game"), ("iou_top10", "top-10 % IoU"),
     ("steps", "steps"), ("samples_seen", "samples seen"), ("flops_total", "FLOPs"), ("train_minutes", "train min"),
 ]
 
@@ -157,6 +160,14 @@ def extract_metrics(evaluation: dict) -> dict:
             out[f"{short}_{k}"] = v
     if "supervised_head" in evaluation:
         out["head_auroc"] = evaluation["supervised_head"].get("mean")
+    if "zeroshot_learned" in evaluation:
+        out["zeroshot_learned_auroc"] = evaluation["zeroshot_learned"].get("mean")
+    for key, entry in ((evaluation.get("prompt_tuning") or {}).get("fractions") or {}).items():
+        out[f"prompt_tuning_auroc@{key}"] = entry.get("mean")
+    loc = evaluation.get("localization") or {}
+    if loc.get("pointing_game"):
+        out["pointing_game"] = loc["pointing_game"].get("mean")
+        out["iou_top10"] = (loc.get("iou_topk") or {}).get("mean")
     return out
 
 

@@ -97,13 +97,14 @@ class DataConfig:
 
     ``sources`` mixes several splits into one stream (see :mod:`medvlp.data.mixed`); when it
     is empty the stream is ``train_split`` as paired samples. ``paired_labels`` says whether
-    paired samples keep the manifest's labels (``manifest``) or train without (``none``).
+    paired samples keep the manifest's labels (``manifest``), train without (``none``), or get
+    labels from the rule-based report labeler run once on their report text (``labeler``).
     """
 
     manifest: Optional[str] = None
     train_split: str = "train"
     sources: list[SourceConfig] = field(default_factory=list)
-    paired_labels: Literal["manifest", "none"] = "manifest"
+    paired_labels: Literal["manifest", "none", "labeler"] = "manifest"
     val_split: str = "val"
     sections: list[str] = field(default_factory=lambda: ["findings", "impression"])
     mean: float = 0.5
@@ -142,7 +143,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: list[Literal["zeroshot", "retrieval", "linear_probe"]] = field(
+    tasks: list[Literal["zeroshot", "retrieval", "linear_probe", "localization", "prompt_tuning"]] = field(
         default_factory=lambda: ["zeroshot", "retrieval", "linear_probe"]
     )
     split: str = "test"
@@ -153,6 +154,10 @@ class EvalConfig:
     batch_size: int = 128
     prompt_template: str = "{}"
     prompts: Optional[str] = None  # a YAML/JSON prompt file; its classes override the defaults
+    # prompt_tuning task (methods with learned prompts): AdamW steps and learning rate of the
+    # context vectors, full-batch on each label fraction of the linear probe
+    prompt_tuning_steps: int = 100
+    prompt_tuning_lr: float = 1e-2
 
 
 @dataclass
@@ -347,6 +352,7 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
     _positive("data", cfg.data, "batch_size", "std")
     if not 0 <= tr.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio: must be within [0, 1], got {tr.min_lr_ratio}")
+    _positive("eval", cfg.eval, "prompt_tuning_steps", "prompt_tuning_lr")
     for frac in cfg.eval.fractions:
         if not 0 < frac <= 1:
             raise ConfigError(f"eval.fractions: each fraction must be within (0, 1], got {frac}")

@@ -63,7 +63,8 @@ class Collator:
 
     ``kinds`` (aligned with ``samples``; default all ``paired``) withholds what a sample's
     source may not carry: ``unpaired`` samples lose report and labels, ``labeled`` samples
-    their report; ``paired_labels="none"`` also drops the labels of paired samples.
+    their report; ``paired_labels="none"`` also drops the labels of paired samples
+    (``"labeler"`` keeps them: :func:`medvlp.data.mixed.read_sources` set them from the reports).
     """
 
     def __init__(self, samples: Sequence[Sample], tokenizer, classes: Sequence[str], *, max_length: int,
@@ -92,7 +93,8 @@ class Collator:
         texts = [s.text(self.sections) if k == "paired" else "" for s, k in zip(samples, kinds)]
         enc = encode_texts(self.tokenizer, texts, self.max_length)
         no_labels = [MISSING] * len(self.classes)
-        keep_labels = [k == "labeled" or (k == "paired" and self.paired_labels == "manifest") for k in kinds]
+        # "labeler": the labels were replaced by the report labeler's when the sources were read
+        keep_labels = [k == "labeled" or (k == "paired" and self.paired_labels != "none") for k in kinds]
         labels = torch.tensor([s.label_vector(self.classes) if keep else no_labels
                                for s, keep in zip(samples, keep_labels)], dtype=torch.long).reshape(len(samples), -1)
         has_text = torch.tensor([bool(t) for t in texts])

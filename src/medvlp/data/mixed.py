@@ -2,7 +2,8 @@
 
 A stream is made of *sources* (``data.sources``): a split of the manifest used as
 
-- ``paired``   image + report (+ the manifest's labels unless ``data.paired_labels: none``),
+- ``paired``   image + report (+ the manifest's labels, or with ``data.paired_labels: labeler``
+  the report labeler's, read once per sample here; none with ``data.paired_labels: none``),
 - ``unpaired`` image only (report and labels withheld, as for images without reports),
 - ``labeled``  image + labels (report withheld, as for a labelled classification set).
 
@@ -69,9 +70,24 @@ def read_sources(cfg) -> list[Source]:
             if not samples:
                 raise DataError(f"data.sources: split {spec.split!r} has no reports ({dropped} samples without); "
                                 "use it as kind 'unpaired' or 'labeled', or choose a split with reports")
+            if cfg.data.paired_labels == "labeler":
+                samples = label_reports(samples, cfg.data.sections)
         check_images_exist(samples)
         sources.append(Source(spec.split, spec.kind, float(spec.weight), samples))
     return sources
+
+
+def label_reports(samples: Sequence[Sample], sections: Sequence[str]) -> list[Sample]:
+    """Copies of ``samples`` whose labels come from the rule-based report labeler
+    (:class:`~medvlp.data.labeler.ReportLabeler`) run once on each report's text
+    (``data.paired_labels: labeler``), replacing the manifest's labels."""
+    import dataclasses
+
+    from medvlp.data.labeler import ReportLabeler
+
+    labeler = ReportLabeler()
+    labels = labeler.label_many(s.text(tuple(sections)) for s in samples)
+    return [dataclasses.replace(s, labels=lab) for s, lab in zip(samples, labels)]
 
 
 def subject_position(subject_id: str) -> float:

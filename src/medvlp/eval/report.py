@@ -64,6 +64,7 @@ def _rows(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str]
             if c not in classes:
                 classes.append(c)
     add("zero-shot mean AUROC", lambda m: _num(m["zeroshot"]["mean"]))
+    add("zero-shot mean AUROC, learned prompts", lambda m: _num(m["zeroshot_learned"]["mean"]))
     for c in classes:
         add(f"zero-shot AUROC: {c}", lambda m, c=c: _num(m["zeroshot"]["per_class"][c]))
     for direction, arrow in (("image_to_text", "image→text"), ("text_to_image", "text→image")):
@@ -90,6 +91,16 @@ def _rows(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str]
 
         add(f"linear probe AUROC @{float(key) * 100:g}%", probe_cell)
     add("own classification head: mean AUROC", lambda m: _num(m["supervised_head"]["mean"]))
+    tuned: list[str] = []
+    for metrics in results.values():
+        tuned += [k for k in (metrics.get("prompt_tuning") or {}).get("fractions", {}) if k not in tuned]
+    for key in sorted(tuned, key=float):
+        add(f"prompt tuning AUROC @{float(key) * 100:g}%",
+            lambda m, key=key: _num(m["prompt_tuning"]["fractions"][key]["mean"]))
+    add("localisation: pointing game (chance)", lambda m: f"{_num(m['localization']['pointing_game']['mean'])} "
+        f"({_num(m['localization']['chance']['pointing_game']['mean'])})")
+    add("localisation: top-k IoU (chance)", lambda m: f"{_num(m['localization']['iou_topk']['mean'])} "
+        f"({_num(m['localization']['chance']['iou_topk']['mean'])})")
     return rows
 
 

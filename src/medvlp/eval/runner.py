@@ -3,7 +3,7 @@
 :func:`evaluate_models` reads a prepared dataset, checks that the test subjects are
 disjoint from pre-training (and from the probe's training split), embeds each split
 once per model, runs the tasks of ``cfg.eval.tasks`` (zeroshot, retrieval,
-linear_probe) and writes the report (:mod:`medvlp.eval.report`).
+linear_probe, localization) and writes the report (:mod:`medvlp.eval.report`).
 
 A model is a :class:`~medvlp.methods.base.Method` providing ``encode_image(images)``
 and ``encode_text(input_ids, attention_mask)`` (L2-normalised, shared space),
@@ -14,6 +14,9 @@ An image-only model (``supports_text = False``) gets only the image tasks; the s
 ones are listed in its ``meta.skipped_tasks``. A model with a classification head
 (``head_classes`` and ``classify_features(features) -> logits``) also gets the head's own
 test AUROC as ``supervised_head``, on the classes the head and the dataset share.
+A model with learned prompts (``class_text_embeddings(classes) -> (pos, neg)``, e.g. UMCL)
+gets ``zeroshot_learned`` beside the hand-written ``zeroshot``, and the ``prompt_tuning``
+task (:mod:`medvlp.eval.prompt_tuning`; other models list it as skipped).
 """
 from __future__ import annotations
 
@@ -31,16 +34,22 @@ from medvlp.data.manifest import read_info, read_manifest
 from medvlp.data.sample import Sample, hash_subject
 from medvlp.errors import DataError, EvaluationError
 from medvlp.eval.linear_probe import evaluate_linear_probe
+from medvlp.eval.localization import LocalizationSkipped, evaluate_localization
 from medvlp.eval.metrics import auroc_per_class
+from medvlp.eval.prompt_tuning import evaluate_prompt_tuning, supports_prompt_tuning
 from medvlp.eval.prompts import load_prompts
 from medvlp.eval.report import write_report
 from medvlp.eval.retrieval import evaluate_retrieval
-from medvlp.eval.zeroshot import DEFAULT_LOGIT_SCALE, evaluate_zero_shot
+from medvlp.eval.zeroshot import (
+    DEFAULT_LOGIT_SCALE,
+    evaluate_zero_shot,
+    evaluate_zero_shot_embeddings,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_ZERO_SHOT_SCALE = 100.0
-TASKS = ("zeroshot", "retrieval", "linear_probe")
+TASKS = ("zeroshot", "retrieval", "linear_probe", "localization", "prompt_tuning")
 
 
 def _make_loader(samples: Sequence[Sample], cfg, tokenizer, classes: Sequence[str], batch_size: int) -> Iterable:
@@ -180,7 +189,7 @@ def _read_splits(cfg, dataset: str | Path, tasks: Sequence[str], pretrain_subjec
         "or pre-train without them (data.train_split).",
     )
     check_image_overlap(test, pretrain_images, test_split=cfg.eval.split)  # duplicates under other ids
-    if "linear_probe" not in tasks:
+    if "linear_probe" not in tasks and "prompt_tuning" not in tasks:  # both train on the probe's split
         return test, None
     if cfg.eval.probe_train_split == cfg.eval.split:
         raise EvaluationError(
@@ -234,7 +243,8 @@ def evaluate_models(
     if not classes:
         raise DataError(f"{dataset}: dataset.json lists no 'classes'; regenerate or re-prepare the dataset")
     test, pool = _read_splits(cfg, dataset, tasks, pretrain_subjects, pretrain_images)
-    prompt_table = load_prompts(prompts or cfg.eval.prompts, classes) if "zeroshot" in tasks else None
+    needs_prompts = "zeroshot" in tasks or "localization" in tasks
+    prompt_table = load_prompts(prompts or cfg.eval.prompts, classes) if needs_prompts else None
     out_dir = Path(out_dir)
 
     results: dict[str, dict] = {}
@@ -244,7 +254,7 @@ def evaluate_models(
         try:
             results[name] = _evaluate_one(name, model, tokenizer, cfg, classes, tasks, test, pool, prompt_table,
                                           out_dir, device=device, progress=progress,
-                                          overlap_checked=pretrain_subjects is not None)
+                                          overlap_checked=pretrain_subjects is not None, dataset=dataset)
         finally:
             model.train(was_training)
     write_report(results, out_dir)
@@ -270,10 +280,10 @@ def evaluate_head(model: nn.Module, features: torch.Tensor, labels: torch.Tensor
 
 def _evaluate_one(name: str, model: nn.Module, tokenizer, cfg, classes: list[str], tasks: list[str],
                   test: list[Sample], pool: list[Sample] | None, prompt_table, out_dir: Path, *,
-                  device, progress: bool, overlap_checked: bool) -> dict:
+                  device, progress: bool, overlap_checked: bool, dataset: str | Path | None = None) -> dict:
     skipped = {}
     if not getattr(model, "supports_text", True):
-        skipped = {t: "image-only model (no text encoder)" for t in tasks if t in ("zeroshot", "retrieval")}
+        skipped = {t: "image-only model (no text encoder)" for t in tasks if t in ("zeroshot", "retrieval", "localization")}
         tasks = [t for t in tasks if t not in skipped]
         if skipped:
             log.warning("%s: %s skipped: an image-only model has no text encoder", name, ", ".join(skipped))
@@ -292,17 +302,54 @@ def _evaluate_one(name: str, model: nn.Module, tokenizer, cfg, classes: list[str
     if "zeroshot" in tasks:
         encode = make_text_encoder(model, tokenizer, cfg, device)
         out["zeroshot"] = evaluate_zero_shot(emb.image_emb, encode, emb.labels, classes, prompt_table, scale)
+        if hasattr(model, "class_text_embeddings"):  # a method with learned prompts (UMCL): both are reported
+            out["zeroshot_learned"] = _zero_shot_learned(model, emb, classes, scale)
     if "retrieval" in tasks:
         keep = torch.as_tensor(np.flatnonzero([bool(t.strip()) for t in emb.texts]), dtype=torch.long)  # images without a report have no pair
         out["retrieval"] = evaluate_retrieval(emb.image_emb[keep], emb.text_emb[keep],
                                               [emb.texts[i] for i in keep.tolist()], emb.labels[keep])
-    if probe:
-        train = embed_split(model, tokenizer, pool, cfg, classes, device=device, images=False, features=True,
+    if "localization" in tasks:
+        try:
+            out["localization"] = evaluate_localization(model, tokenizer, test, cfg, classes,
+                                                        make_text_encoder(model, tokenizer, cfg, device),
+                                                        prompt_table, dataset, device=device)
+        except LocalizationSkipped as exc:
+            log.warning("%s: localization skipped: %s", name, exc)
+            out["meta"].setdefault("skipped_tasks", {})["localization"] = str(exc)
+    tuning = "prompt_tuning" in tasks and supports_prompt_tuning(model)
+    if "prompt_tuning" in tasks and not tuning:
+        out["meta"].setdefault("skipped_tasks", {})["prompt_tuning"] = "the model has no learned prompts"
+    train = None
+    if probe or tuning:
+        train = embed_split(model, tokenizer, pool, cfg, classes, device=device, images=tuning, features=probe,
                             progress=progress, desc=f"{name}: {cfg.eval.probe_train_split}")
+    if probe:
         out["linear_probe"] = evaluate_linear_probe(
             train.features, train.labels, train.ids, emb.features, emb.labels, classes,
             cfg.eval.fractions, cfg.eval.min_positives, cfg.eval.probe_seeds, out_dir,
         )
         out["linear_probe"]["features"] = "image_features" if hasattr(model, "image_features") else "encode_image"
         out["linear_probe"]["train_split"] = cfg.eval.probe_train_split
+    if tuning:
+        out["prompt_tuning"] = evaluate_prompt_tuning(
+            model, train.image_emb, train.labels, train.ids, emb.image_emb, emb.labels, classes, cfg.eval.fractions,
+            cfg.eval.min_positives, cfg.eval.probe_seeds, out_dir, steps=cfg.eval.prompt_tuning_steps,
+            lr=cfg.eval.prompt_tuning_lr, logit_scale=scale,
+        )
+        out["prompt_tuning"]["train_split"] = cfg.eval.probe_train_split
     return out
+
+
+@torch.no_grad()
+def _zero_shot_learned(model: nn.Module, emb: SplitEmbeddings, classes: list[str], scale: float) -> dict:
+    """Zero-shot AUROC with the model's learned prompts, on the classes it has prompts for."""
+    known = set(getattr(model, "learned_prompt_classes", classes))
+    common = [c for c in classes if c in known]
+    if not common:
+        raise EvaluationError(f"the model's learned prompts cover none of the dataset's classes {classes}")
+    pos, neg = model.class_text_embeddings(common)
+    result = evaluate_zero_shot_embeddings(emb.image_emb, pos, neg, emb.labels[:, [classes.index(c) for c in common]],
+                                           common, scale)
+    result["prompts"] = "learned"
+    result["not_scored"] = [c for c in classes if c not in known]
+    return result

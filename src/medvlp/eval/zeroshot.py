@@ -9,6 +9,10 @@ probability that the finding is present::
 
 All prompts of all classes are encoded in one call to ``encode_text`` and the class
 means are formed with a scatter-add, so no Python loop runs over classes or samples.
+
+Methods with learned prompts (UMCL) give the class embeddings directly
+(``class_text_embeddings(classes) -> (pos, neg)``); :func:`evaluate_zero_shot_embeddings`
+scores those the same way (the runner reports them as ``zeroshot_learned``).
 """
 from __future__ import annotations
 
@@ -65,10 +69,19 @@ def zero_shot_margins(
     point for margins above ~37, which would create spurious ties.
     """
     pos, neg = class_prompt_embeddings(encode_text, classes, prompts)
-    image_emb = image_emb.float().to(pos.device)
-    if image_emb.ndim != 2 or image_emb.shape[1] != pos.shape[1]:
+    return margins_from_embeddings(image_emb, pos, neg, logit_scale)
+
+
+def margins_from_embeddings(image_emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                            logit_scale: float = DEFAULT_LOGIT_SCALE) -> torch.Tensor:
+    """(N, K) margins ``logit_scale * (image . pos_k - image . neg_k)`` (float64) from class
+    embeddings pos, neg (K, E): hand-written prompt ensembles or a method's learned prompts."""
+    pos, neg = pos.detach().float(), neg.detach().float()
+    image_emb = image_emb.detach().float().to(pos.device)
+    if image_emb.ndim != 2 or image_emb.shape[1] != pos.shape[1] or pos.shape != neg.shape:
         raise EvaluationError(
-            f"image embeddings {tuple(image_emb.shape)} and prompt embeddings (dim {pos.shape[1]}) do not match"
+            f"image embeddings {tuple(image_emb.shape)} and prompt embeddings {tuple(pos.shape)} / "
+            f"{tuple(neg.shape)} do not match"
         )
     return logit_scale * (image_emb.double() @ (pos - neg).double().T)
 
@@ -110,6 +123,19 @@ def evaluate_zero_shot(
     points per class, for the report's plot) and ``"logit_scale"``.
     """
     margins = zero_shot_margins(image_emb, encode_text, classes, prompts, logit_scale)
+    return _auroc_result(margins, labels, classes, logit_scale)
+
+
+def evaluate_zero_shot_embeddings(image_emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                                  labels: torch.Tensor, classes: Sequence[str],
+                                  logit_scale: float = DEFAULT_LOGIT_SCALE) -> dict:
+    """:func:`evaluate_zero_shot` with the class embeddings given: (pos (K, E), neg (K, E)),
+    e.g. the learned prompts of a method's ``class_text_embeddings(classes)``."""
+    margins = margins_from_embeddings(image_emb, pos, neg, logit_scale)
+    return _auroc_result(margins, labels, classes, logit_scale)
+
+
+def _auroc_result(margins: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], logit_scale: float) -> dict:
     result = auroc_per_class(margins, labels, classes)  # same ranking as sigmoid(margins)
     result["roc"] = roc_curves(margins, labels, classes)
     result["logit_scale"] = float(logit_scale)

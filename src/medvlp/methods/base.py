@@ -39,6 +39,11 @@ class Method(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor | None:
+        """(B, N, D) L2-normalised patch embeddings in the shared space (row-major patch grid),
+        for localisation maps; None when the method has none (the localisation task skips it)."""
+        return None
+
 
 
 class ImageOnlyMethod(Method):

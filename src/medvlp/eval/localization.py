@@ -1,0 +1,178 @@
+"""Localisation score: do a model's patch-level similarity maps point at the findings?
+
+For every test image with a finding mask (SynthCXR writes one 16-bit PNG per image, bit k =
+class k, see :func:`medvlp.data.synth.generator.decode_mask`; the manifest row's
+``meta["mask"]`` names it) and every class that is POSITIVE for it and has mask pixels, the
+heat map over the patch grid is the cosine between the model's projected patch embeddings
+(``model.patch_embeddings(images) -> (B, N, D)``, L2-normalised, shared space) and the class's
+*positive* prompt-ensemble embedding (the zero-shot prompts, :mod:`medvlp.eval.prompts`).
+
+The mask is brought to patch resolution the way the image was (padded to square when the
+preprocessing pads, then cut into the patch grid); a patch is *inside* when any mask pixel
+falls in it (a dilation: thin lines and small nodules keep at least one patch). Metrics:
+
+- **pointing game**: the map's maximum lies inside the mask. Ties are split: a pair scores the
+  fraction of its maximal patches that are inside, so a constant map scores the mask's area
+  fraction, which is also the chance level reported beside it (``chance.pointing_game``);
+- **IoU@top-k%**: IoU between the top ``top_fraction`` of patches (k = 10 % by default,
+  at least one patch; ties broken by a seeded random order) and the inside patches. Its
+  chance level is the exact expectation for a uniformly random choice of those patches
+  (hypergeometric), ``chance.iou_topk``. With masks from 2 % (a rib fracture) to ~60 % (edema)
+  of the image, no k suits every class; compare models against each other and against chance.
+
+Both are averaged per class and then over classes (``mean``), like zero-shot AUROC.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from medvlp.data.manifest import resolve_manifest
+from medvlp.data.sample import POSITIVE, Sample
+from medvlp.data.transforms import _pad_square
+from medvlp.eval.zeroshot import class_prompt_embeddings
+
+TOP_FRACTION = 0.1
+
+
+class LocalizationSkipped(Exception):
+    """The task does not apply (no patch embeddings, no masks); the message says why."""
+
+
+def mask_to_patches(masks: np.ndarray, grid: int, pad_to_square: bool = True) -> torch.Tensor:
+    """(K, H, W) bool masks -> (K, grid * grid) bool, row-major: True where any pixel is set."""
+    if pad_to_square and masks.shape[1] != masks.shape[2]:
+        masks = np.stack([_pad_square(m) for m in masks]) if len(masks) else masks
+    x = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))[:, None]
+    return F.adaptive_max_pool2d(x, grid).flatten(1) > 0
+
+
+def pointing_game(heat: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """(M, N) maps and masks -> (M,) hit rate: the fraction of each map's maximal patches inside."""
+    top = heat >= heat.max(dim=1, keepdim=True).values
+    return (top & inside).sum(1).float() / top.sum(1).float()
+
+
+def _top_patches(heat: torch.Tensor, top_fraction: float, seed: int) -> torch.Tensor:
+    """(M, N) bool: each row's round(N * top_fraction) (at least 1) highest patches; equal
+    scores are ordered by a seeded random permutation (a constant map picks at random)."""
+    m, n = heat.shape
+    k = max(1, round(n * top_fraction))
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.argsort(torch.rand(m, n, generator=gen), dim=1)
+    order = torch.sort(heat.float().gather(1, perm), dim=1, descending=True, stable=True).indices[:, :k]
+    chosen = torch.zeros(m, n, dtype=torch.bool)
+    chosen.scatter_(1, perm.gather(1, order), True)
+    return chosen
+
+
+def topk_iou(heat: torch.Tensor, inside: torch.Tensor, top_fraction: float = TOP_FRACTION, seed: int = 0) -> torch.Tensor:
+    """(M,) IoU between the top ``top_fraction`` patches of each map and its inside patches."""
+    chosen = _top_patches(heat, top_fraction, seed)
+    return (chosen & inside).sum(1).float() / (chosen | inside).sum(1).float()
+
+
+def chance_iou(n: int, mask_sizes: torch.Tensor, top_fraction: float = TOP_FRACTION) -> torch.Tensor:
+    """(M,) expected IoU of ``round(n * top_fraction)`` patches drawn uniformly against a mask of
+    each size: the intersection j is hypergeometric, IoU = j / (k + m - j)."""
+    k = max(1, round(n * top_fraction))
+    m = mask_sizes.double()[:, None]
+    j = torch.arange(k + 1, dtype=torch.float64)[None, :]
+
+    def log_comb(a, b):
+        ok = (b >= 0) & (b <= a)
+        val = torch.lgamma(a + 1) - torch.lgamma(b + 1) - torch.lgamma((a - b).clamp(min=0) + 1)
+        return torch.where(ok, val, torch.full_like(val, -math.inf))
+
+    log_p = log_comb(m, j) + log_comb(n - m, k - j) - log_comb(torch.tensor(float(n)), torch.tensor(float(k)))
+    return (log_p.exp() * j / (k + m - j)).sum(1)
+
+
+def _read_masks(path: Path, class_bits: Sequence[int]) -> np.ndarray:
+    """(K, H, W) bool from a SynthCXR mask PNG (bit b of the 16-bit value = class with bit b)."""
+    bits = np.asarray(Image.open(path)).astype(np.int64)
+    return ((bits[None] >> np.asarray(class_bits)[:, None, None]) & 1).astype(bool)
+
+
+def _summary(values: torch.Tensor, class_index: torch.Tensor, classes: Sequence[str]) -> dict:
+    per_class = {}
+    for k, name in enumerate(classes):
+        sel = class_index == k
+        if bool(sel.any()):
+            per_class[name] = float(values[sel].mean())
+    return {"per_class": per_class, "mean": float(np.mean(list(per_class.values()))) if per_class else None}
+
+
+@torch.no_grad()
+def evaluate_localization(model, tokenizer, samples: Sequence[Sample], cfg, classes: Sequence[str],
+                          encode_text: Callable[[list[str]], torch.Tensor], prompts: Mapping, dataset: str | Path, *,
+                          device: torch.device | str = "cpu", top_fraction: float = TOP_FRACTION) -> dict:
+    """Pointing game and IoU@top-k% of ``model`` on ``samples`` (see the module docstring).
+
+    Raises :class:`LocalizationSkipped` when the model has no patch embeddings or no sample
+    has a usable mask.
+    """
+    from medvlp.data.loader import make_loader
+    from medvlp.data.synth.generator import CLASSES as MASK_CLASSES
+
+    if not callable(getattr(model, "patch_embeddings", None)):
+        raise LocalizationSkipped("the model exposes no patch_embeddings")
+    scored = [c for c in classes if c in MASK_CLASSES]
+    chosen = [s for s in samples if s.meta.get("mask") and any(s.labels.get(c) == POSITIVE for c in scored)]
+    if not chosen:
+        raise LocalizationSkipped("no test image has a finding mask (meta.mask) with a positive class")
+    root = resolve_manifest(dataset).parent
+    pos, _ = class_prompt_embeddings(encode_text, scored, {c: prompts[c] for c in scored})
+    pos = pos.to(device)
+
+    heats, ids = [], []
+    for batch in make_loader(chosen, cfg, tokenizer, classes, batch_size=cfg.eval.batch_size):
+        patches = model.patch_embeddings(batch.images.to(device))
+        if patches is None:
+            raise LocalizationSkipped(f"{type(model).__name__}.patch_embeddings returns None (no patch-level shared space)")
+        heats.append(torch.einsum("bnd,kd->bkn", patches.float(), pos.float()).cpu())
+        ids += list(batch.ids)
+    heat = torch.cat(heats)  # (I, K, N)
+    n = heat.shape[-1]
+    grid = math.isqrt(n)
+    if grid * grid != n:
+        raise LocalizationSkipped(f"patch_embeddings gave {n} patches, not a square grid")
+
+    by_id = {s.id: s for s in chosen}
+    bits = [MASK_CLASSES.index(c) for c in scored]
+    inside = torch.stack([mask_to_patches(_read_masks(root / by_id[i].meta["mask"], bits), grid,
+                                          cfg.data.pad_to_square) for i in ids])  # (I, K, N)
+    positive = torch.tensor([[by_id[i].labels.get(c) == POSITIVE for c in scored] for i in ids])
+    keep = positive & inside.any(-1)  # (I, K): the (image, class) pairs scored
+    if not bool(keep.any()):
+        raise LocalizationSkipped("no positive class of a test image has mask pixels")
+    h, m = heat[keep], inside[keep]
+    class_index = keep.nonzero()[:, 1]
+    pointing, iou = pointing_game(h, m), topk_iou(h, m, top_fraction)
+    area = m.float().mean(1)
+    return {
+        "pointing_game": _summary(pointing, class_index, scored),
+        "iou_topk": _summary(iou, class_index, scored),
+        "chance": {"pointing_game": _summary(area, class_index, scored),
+                   "iou_topk": _summary(chance_iou(n, m.sum(1), top_fraction), class_index, scored)},
+        "n_pairs": {c: int((class_index == k).sum()) for k, c in enumerate(scored) if bool((class_index == k).any())},
+        "n_images": len(ids), "grid": grid, "top_fraction": top_fraction,
+        "heat_map": "cosine(patch embedding, positive prompt ensemble)",
+    }
+
+
+__all__ = [
+    "TOP_FRACTION",
+    "LocalizationSkipped",
+    "chance_iou",
+    "evaluate_localization",
+    "mask_to_patches",
+    "pointing_game",
+    "topk_iou",
+]

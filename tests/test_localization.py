@@ -140,3 +140,17 @@ def test_cli_task_end_to_end(tiny_dataset, tmp_path):
     for metric in ("pointing_game", "iou_topk"):
         assert 0.0 <= loc[metric]["mean"] <= 1.0 and 0.0 < loc["chance"][metric]["mean"] < 1.0
     assert loc["top_fraction"] == 0.1 and loc["grid"] == 4
+
+
+@pytest.mark.parametrize("recipe", ["mpma", "maskedclip"])
+def test_masked_family_dual_encoders_expose_patch_embeddings(recipe, tiny_dataset, tmp_path):
+    from medvlp.hub import build_method
+    from tests.conftest import TINY
+
+    cfg = load_config(f"configs/methods/{recipe}.yaml", [*TINY, f"data.manifest={tiny_dataset}",
+                                                          f"train.output_dir={tmp_path}"])
+    tok = train_wordpiece(["small right pleural effusion", "no acute findings"] * 4, 300)
+    model = build_method(cfg, tok).eval()
+    emb = model.patch_embeddings(torch.randn(2, 1, 32, 32))
+    assert emb.shape == (2, 16, cfg.model.embed_dim)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2, 16), atol=1e-5)

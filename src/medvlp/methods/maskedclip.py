@@ -174,6 +174,10 @@ class MaskedClip(Method):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text(input_ids, attention_mask).pooled), dim=-1)
 
+    def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        # the bridge's patch tokens through the CLIP image projection (localisation maps)
+        return F.normalize(self.image_proj(self.clip_tokens(images)[:, 1:]), dim=-1)
+
     def scale(self) -> torch.Tensor:
         return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
 

@@ -92,6 +92,10 @@ class Mpma(M3ae):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text(input_ids, attention_mask).pooled), dim=-1)
 
+    def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        # the global image projection on the unmasked patch tokens, as the local alignment uses it
+        return F.normalize(self.image_proj(self.vision(images).tokens), dim=-1)
+
     def scale(self) -> torch.Tensor:
         return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
 

@@ -28,13 +28,24 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 def gloria_pair_scores(words: torch.Tensor, word_mask: torch.Tensor, patches: torch.Tensor, *,
                        sharpen: float = 4.0, agg: float = 5.0) -> torch.Tensor:
-    """(B_img, B_txt) scores S(i, k) of image i against report k (GLoRIA's local similarity)."""
+    """(B_img, B_txt) scores S(i, k) of image i against report k (GLoRIA's local similarity).
+
+    The attended context c = sum_n a_n p_n of a word w is never materialised (that would be an
+    (I, T, L, D) tensor): with unit p and w, c . w = sum_n a_n cos_n and
+    |c|^2 = a^T G a with the image's patch Gram matrix G = P P^T, so the cosine of the context
+    with its word comes from (I, T, L, N) tensors and an (I, N, N) Gram matrix only. Columns
+    after a batch's last real word are dropped first (padding never scores)."""
+    real = word_mask.bool()
+    last = int(real.any(dim=0).nonzero().max()) + 1 if bool(real.any()) else 1
+    words, real = words[:, :last], real[:, :last]
     w, p = _normalise(words), _normalise(patches)  # (T, L, D), (I, N, D)
     cos = torch.einsum("tld,ind->itln", w, p)  # (I, T, L, N) word-patch cosine
     attn = torch.softmax(sharpen * cos, dim=-1)
-    context = _normalise(torch.einsum("itln,ind->itld", attn, p))  # (I, T, L, D)
-    s = (context * w.unsqueeze(0)).sum(-1)  # (I, T, L) word-context cosine
-    s = (agg * s).masked_fill(~word_mask.bool().unsqueeze(0), float("-inf"))
+    dot = (attn * cos).sum(-1)  # c . w
+    gram = torch.einsum("ind,imd->inm", p, p)  # (I, N, N)
+    sq_norm = (torch.einsum("itln,inm->itlm", attn, gram) * attn).sum(-1)  # |c|^2
+    s = dot / sq_norm.clamp(min=1e-24).sqrt()  # F.normalize's eps: |c| floored at 1e-12
+    s = (agg * s).masked_fill(~real.unsqueeze(0), float("-inf"))
     return torch.logsumexp(s, dim=-1) / agg
 
 

@@ -28,7 +28,7 @@ def test_demo_config_loads_with_include_and_overrides():
         ("model.vision.patch_size=7", "model.vision.image_size (64) must be a multiple of model.vision.patch_size (7)"),
         ("train.steps=abc", "train.steps: expected an integer, got 'abc'"),
         ("model.text.name=hf", "model.text.path: required"),
-        ("eval.tasks=[zeroshot,vqa]", "eval.tasks[1]: invalid value 'vqa'"),
+        ("eval.tasks=[zeroshot,captioning]", "eval.tasks[1]: invalid value 'captioning'"),
         ("method.init_temperature=2", "method.init_temperature: must be within (0, 1)"),
     ],
 )

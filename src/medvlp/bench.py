@@ -144,6 +144,9 @@ COLUMNS = [
     ("head_auroc", "head AUROC"),
     ("prompt_tuning_auroc@0.01", "prompt tuning AUROC 1 %"),
     ("pointing_game", "pointing game"), ("iou_top10", "top-10 % IoU"),
+    ("vqa_overall", "VQA acc"), ("vqa_question_only", "VQA acc, question only"),
+    ("vqa_image_shuffled", "VQA acc, images shuffled"),
+    ("finetune_auroc@0.01", "fine-tune AUROC 1 %"), ("seg_dice@0.01", "seg Dice 1 %"),
     ("steps", "steps"), ("samples_seen", "samples seen"), ("flops_total", "FLOPs"), ("train_minutes", "train min"),
 ]
 
@@ -164,6 +167,15 @@ def extract_metrics(evaluation: dict) -> dict:
         out["zeroshot_learned_auroc"] = evaluation["zeroshot_learned"].get("mean")
     for key, entry in ((evaluation.get("prompt_tuning") or {}).get("fractions") or {}).items():
         out[f"prompt_tuning_auroc@{key}"] = entry.get("mean")
+    vqa = evaluation.get("vqa") or {}
+    for part, key in (("model", "vqa_overall"), ("question_only", "vqa_question_only"),
+                      ("image_shuffled", "vqa_image_shuffled")):
+        if part in vqa:
+            out[key] = vqa[part]["overall"]["mean"]
+    for key, entry in ((evaluation.get("finetune") or {}).get("fractions") or {}).items():
+        out[f"finetune_auroc@{key}"] = entry.get("mean")
+    for key, entry in ((evaluation.get("segmentation") or {}).get("fractions") or {}).items():
+        out[f"seg_dice@{key}"] = entry.get("dice")
     loc = evaluation.get("localization") or {}
     if loc.get("pointing_game"):
         out["pointing_game"] = loc["pointing_game"].get("mean")

@@ -143,7 +143,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: list[Literal["zeroshot", "retrieval", "linear_probe", "localization", "prompt_tuning"]] = field(
+    tasks: list[Literal["zeroshot", "retrieval", "linear_probe", "localization", "prompt_tuning", "vqa", "finetune",
+                       "segmentation"]] = field(
         default_factory=lambda: ["zeroshot", "retrieval", "linear_probe"]
     )
     split: str = "test"

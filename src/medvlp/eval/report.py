@@ -97,6 +97,17 @@ def _rows(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str]
     for key in sorted(tuned, key=float):
         add(f"prompt tuning AUROC @{float(key) * 100:g}%",
             lambda m, key=key: _num(m["prompt_tuning"]["fractions"][key]["mean"]))
+    for kind in ("overall", "closed", "open"):
+        add(f"VQA {kind} accuracy (question-only / image-shuffled)",
+            lambda m, k=kind: f"{_num(m['vqa']['model'][k]['mean'])} ({_num(m['vqa']['question_only'][k]['mean'])} / "
+            f"{_num(m['vqa']['image_shuffled'][k]['mean'])})")
+    for task, title, key in (("finetune", "fine-tuning AUROC", "mean"), ("segmentation", "segmentation Dice", "dice")):
+        keys: list[str] = []
+        for metrics in results.values():
+            keys += [k for k in (metrics.get(task) or {}).get("fractions", {}) if k not in keys]
+        for fk in sorted(keys, key=float):
+            add(f"{title} @{float(fk) * 100:g}%",
+                lambda m, t=task, fk=fk, key=key: _num(m[t]["fractions"][fk][key]))
     add("localisation: pointing game (chance)", lambda m: f"{_num(m['localization']['pointing_game']['mean'])} "
         f"({_num(m['localization']['chance']['pointing_game']['mean'])})")
     add("localisation: top-k IoU (chance)", lambda m: f"{_num(m['localization']['iou_topk']['mean'])} "

@@ -49,7 +49,9 @@ from medvlp.eval.zeroshot import (
 log = logging.getLogger(__name__)
 
 MAX_ZERO_SHOT_SCALE = 100.0
-TASKS = ("zeroshot", "retrieval", "linear_probe", "localization", "prompt_tuning")
+TASKS = ("zeroshot", "retrieval", "linear_probe", "localization", "prompt_tuning", "vqa", "finetune", "segmentation")
+#: tasks that train on the probe's training split (``eval.probe_train_split``)
+POOL_TASKS = ("linear_probe", "prompt_tuning", "vqa", "finetune", "segmentation")
 
 
 def _make_loader(samples: Sequence[Sample], cfg, tokenizer, classes: Sequence[str], batch_size: int) -> Iterable:
@@ -189,7 +191,7 @@ def _read_splits(cfg, dataset: str | Path, tasks: Sequence[str], pretrain_subjec
         "or pre-train without them (data.train_split).",
     )
     check_image_overlap(test, pretrain_images, test_split=cfg.eval.split)  # duplicates under other ids
-    if "linear_probe" not in tasks and "prompt_tuning" not in tasks:  # both train on the probe's split
+    if not any(t in POOL_TASKS for t in tasks):
         return test, None
     if cfg.eval.probe_train_split == cfg.eval.split:
         raise EvaluationError(
@@ -337,7 +339,38 @@ def _evaluate_one(name: str, model: nn.Module, tokenizer, cfg, classes: list[str
             lr=cfg.eval.prompt_tuning_lr, logit_scale=scale,
         )
         out["prompt_tuning"]["train_split"] = cfg.eval.probe_train_split
+    _downstream(name, model, tokenizer, cfg, classes, tasks, test, pool, out, device=device, dataset=dataset)
     return out
+
+
+def _downstream(name: str, model: nn.Module, tokenizer, cfg, classes: list[str], tasks: list[str],
+                test: list[Sample], pool: list[Sample] | None, out: dict, *, device, dataset) -> None:
+    """VQA, full fine-tuning and segmentation (each trains a head on the probe's training split);
+    a task that does not apply is listed under ``meta.skipped_tasks`` with the reason."""
+    from medvlp.data.manifest import resolve_manifest
+    from medvlp.eval.finetune import evaluate_finetune
+    from medvlp.eval.segmentation import DenseTaskSkipped, evaluate_segmentation
+    from medvlp.eval.vqa import evaluate_vqa
+
+    seeds = tuple(range(cfg.eval.probe_seeds))
+    fractions = tuple(cfg.eval.fractions)
+    runs = {
+        "vqa": lambda: evaluate_vqa(model, tokenizer, pool, test, cfg, seeds=seeds, device=device),
+        "finetune": lambda: evaluate_finetune(model, pool, test, cfg, classes, fractions=fractions, seeds=seeds,
+                                              device=device, tokenizer=tokenizer),
+        "segmentation": lambda: evaluate_segmentation(model, tokenizer, pool, test, cfg, classes,
+                                                      resolve_manifest(dataset).parent, fractions=fractions,
+                                                      seeds=seeds, min_positives=cfg.eval.min_positives,
+                                                      device=device),
+    }
+    for task, run in runs.items():
+        if task not in tasks:
+            continue
+        try:
+            out[task] = run()
+        except (DenseTaskSkipped, EvaluationError) as exc:
+            log.warning("%s: %s skipped: %s", name, task, exc)
+            out["meta"].setdefault("skipped_tasks", {})[task] = str(exc)
 
 
 @torch.no_grad()

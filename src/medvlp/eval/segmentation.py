@@ -1,0 +1,266 @@
+"""Segmentation from a frozen vision encoder: a linear per-patch decoder, Dice per finding.
+
+Protocol (fixed; docs/evaluation_dense.md):
+
+1. **Features.** The vision tower runs once, frozen, on every image that has a finding mask
+   (``meta["mask"]``, SynthCXR's 16-bit class-bit PNG): ``model.vision(images).tokens`` gives
+   (I, N, D) patch tokens on a ``g x g`` grid (``g = image_size / patch_size``). Tokens are
+   standardised with the training subset's per-channel mean and std.
+2. **Decoder.** One linear layer per patch (a 1x1 convolution over the grid) maps D to
+   ``K * SUB * SUB`` logits, rearranged (pixel shuffle) into K maps at ``SUB * g`` resolution,
+   ``SUB = min(patch_size, MAX_SUB)`` (full input resolution for patches up to 8 px; otherwise
+   bilinearly upsampled to the input size). Linear, so that the score measures what the frozen
+   tokens hold, not what a deep decoder can learn.
+3. **Training.** Masks are padded to square like the images and area-averaged to ``SUB * g``
+   (soft targets, stored as uint8). Loss = BCE + soft Dice (smoothed by 1, mean over image-class pairs).
+   AdamW (``LR``, ``WEIGHT_DECAY``), ``STEPS`` steps of ``BATCH`` images drawn with replacement:
+   the same number of updates at every fraction, so fractions differ only in data.
+4. **Fractions.** 1 / 10 / 100 % of the training split's masked images, nested, stratified and
+   seeded with :func:`medvlp.eval.linear_probe.fraction_indices` (at least ``min_positives``
+   positives per class where the pool has them).
+5. **Metric.** On the test split, at the model's input resolution (ground truth padded, then
+   area-resized, a pixel is inside at >= 0.5), prediction = sigmoid > 0.5; Dice per
+   (image, class) with the empty-empty pairs left out (:mod:`medvlp.eval.dense_metrics`),
+   averaged per class, then over classes. "No Finding" has no mask and is not scored.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvlp.data.sample import Sample
+from medvlp.eval.dense_metrics import dice_from_stats, dice_per_class, dice_stats
+from medvlp.eval.linear_probe import fraction_indices, fraction_key
+from medvlp.eval.localization import _read_masks
+
+MAX_SUB = 8         # sub-patch resolution of the decoder: min(patch_size, MAX_SUB) squared logits per patch
+STEPS = 300
+BATCH = 32
+LR = 3e-3
+WEIGHT_DECAY = 1e-4
+THRESHOLD = 0.5
+
+
+class DenseTaskSkipped(Exception):
+    """A dense task does not apply (no vision tower, no masks / boxes); the message says why."""
+
+
+# ------------------------------------------------------------------------------ shared helpers
+@torch.no_grad()
+def patch_features(model, tokenizer, samples: Sequence[Sample], cfg, classes: Sequence[str], *,
+                   device: torch.device | str = "cpu") -> tuple[list[str], torch.Tensor]:
+    """Frozen patch tokens of ``samples``: (ids in loader order, (I, N, D) float32 on the CPU).
+
+    Unreadable images are skipped by the loader; the ids say which images the rows belong to."""
+    from medvlp.data.loader import make_loader
+
+    vision = getattr(model, "vision", None)
+    if not callable(vision):
+        raise DenseTaskSkipped(f"{type(model).__name__} has no vision tower (model.vision)")
+    ids, feats = [], []
+    for batch in make_loader(samples, cfg, tokenizer, classes, batch_size=cfg.eval.batch_size):
+        tokens = vision(batch.images.to(device)).tokens
+        if tokens is None or tokens.dim() != 3:
+            raise DenseTaskSkipped(f"{type(model).__name__}.vision gives no (B, N, D) patch tokens")
+        feats.append(tokens.float().cpu())
+        ids += list(batch.ids)
+    if not feats:
+        raise DenseTaskSkipped("no image to encode")
+    tokens = torch.cat(feats)
+    grid = math.isqrt(tokens.shape[1])
+    if grid * grid != tokens.shape[1]:
+        raise DenseTaskSkipped(f"the vision tower gives {tokens.shape[1]} patch tokens, not a square grid")
+    return ids, tokens
+
+
+def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Scale (.., D) features by the training rows' per-channel mean and std (std floored)."""
+    flat = train.reshape(-1, train.shape[-1])
+    mean, std = flat.mean(0), flat.std(0).clamp(min=1e-6) if len(flat) > 1 else torch.ones(flat.shape[-1])
+    return [(x - mean) / std for x in (train, *others)]
+
+
+def pad_square_batch(x: torch.Tensor) -> torch.Tensor:
+    """(.., H, W) -> (.., S, S) zero-padded, centred the way :func:`medvlp.data.transforms._pad_square` pads."""
+    h, w = x.shape[-2:]
+    if h == w:
+        return x
+    size = max(h, w)
+    top, left = (size - h) // 2, (size - w) // 2
+    return F.pad(x, (left, size - w - left, top, size - h - top))
+
+
+def mask_targets(samples: Sequence[Sample], root: Path, classes: Sequence[str], size: int,
+                 pad_to_square: bool = True) -> torch.Tensor:
+    """(I, K, size, size) float in [0, 1]: each class's mask area fraction per output pixel."""
+    from medvlp.data.synth.generator import CLASSES as MASK_CLASSES
+
+    bits = [MASK_CLASSES.index(c) for c in classes]
+    out = []
+    for s in samples:  # one file per image: the loop is over reads
+        m = torch.from_numpy(_read_masks(root / s.meta["mask"], bits).astype(np.float32))
+        if pad_to_square:
+            m = pad_square_batch(m)
+        out.append(F.adaptive_avg_pool2d(m[None], size)[0])
+    return torch.stack(out)
+
+
+def training_subsets(samples: Sequence[Sample], classes: Sequence[str], fractions: Sequence[float],
+                     seeds: Sequence[int], min_positives: int) -> dict[int, dict[float, np.ndarray]]:
+    """``{seed: {fraction: row indices}}``: nested, stratified fractions of ``samples``."""
+    labels = np.array([s.label_vector(list(classes)) for s in samples], dtype=np.int64).reshape(len(samples), -1)
+    return {seed: fraction_indices(labels, fractions, min_positives, seed) for seed in seeds}
+
+
+def summarise_seeds(runs: list[dict], fractions: Sequence[float], key: str) -> dict:
+    """Per fraction: mean and sd (ddof=1; 0 for one seed) of ``run[key]`` over seeds, per-class means."""
+    out = {}
+    for f in fractions:
+        rs = [r[fraction_key(f)] for r in runs]
+        vals = [r[key] for r in rs if r[key] is not None]
+        per_class_keys = sorted({c for r in rs for c in r["per_class"]})
+        out[fraction_key(f)] = {
+            key: float(np.mean(vals)) if vals else None,
+            "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+            "per_class": {c: float(np.mean([r["per_class"][c] for r in rs if c in r["per_class"]]))
+                          for c in per_class_keys},
+            "n_train": [r["n_train"] for r in rs],
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------ the decoder
+class LinearPatchDecoder(nn.Module):
+    """(B, N, D) tokens on a g x g grid -> (B, K, sub * g, sub * g) logits (pixel-shuffled)."""
+
+    def __init__(self, dim: int, n_classes: int, sub: int):
+        super().__init__()
+        self.k, self.sub = n_classes, sub
+        self.proj = nn.Linear(dim, n_classes * sub * sub)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, n, _ = tokens.shape
+        g = math.isqrt(n)
+        x = self.proj(tokens).reshape(b, g, g, self.k, self.sub, self.sub)
+        return x.permute(0, 3, 1, 4, 2, 5).reshape(b, self.k, g * self.sub, g * self.sub)
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - smoothed soft Dice, averaged over (image, class) pairs; logits / target (B, K, H, W)."""
+    p = torch.sigmoid(logits).flatten(2)
+    t = target.flatten(2)
+    dice = (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
+    return 1 - dice.mean()
+
+
+def train_decoder(tokens: torch.Tensor, targets: torch.Tensor, seed: int, sub: int, *, steps: int = STEPS,
+                  batch: int = BATCH, lr: float = LR, device: torch.device | str = "cpu") -> LinearPatchDecoder:
+    """Fit a :class:`LinearPatchDecoder` with BCE + soft Dice on (I, N, D) tokens and (I, K, R, R)
+    targets (float, or uint8 holding 255 x the soft value)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the layer's initialisation
+    head = LinearPatchDecoder(tokens.shape[-1], targets.shape[1], sub).to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+    for _ in range(steps):
+        idx = torch.randint(len(tokens), (min(batch, len(tokens)),), generator=gen)
+        x, t = tokens[idx].to(device), targets[idx].to(device).float()
+        if targets.dtype == torch.uint8:
+            t = t / 255
+        logits = head(x)
+        if logits.shape[-1] != t.shape[-1]:
+            logits = F.interpolate(logits, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.binary_cross_entropy_with_logits(logits, t) + soft_dice_loss(logits, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def predict_dice(head: LinearPatchDecoder, tokens: torch.Tensor, truth: torch.Tensor, *,
+                 device: torch.device | str = "cpu", chunk: int = 64) -> torch.Tensor:
+    """(I, K) Dice of thresholded, upsampled predictions against (I, K, S, S) bool truth (NaN: both empty)."""
+    stats = []
+    for i in range(0, len(tokens), chunk):
+        logits = head(tokens[i:i + chunk].to(device))
+        logits = F.interpolate(logits, size=truth.shape[-2:], mode="bilinear", align_corners=False)
+        stats.append(dice_stats(torch.sigmoid(logits).cpu() > THRESHOLD, truth[i:i + chunk]))
+    return dice_from_stats(*(torch.cat(s) for s in zip(*stats)))
+
+
+# ------------------------------------------------------------------------------ the task
+def evaluate_segmentation(model, tokenizer, train_samples: Sequence[Sample], test_samples: Sequence[Sample], cfg,
+                          classes: Sequence[str], dataset_root: str | Path, *,
+                          fractions: Sequence[float] = (0.01, 0.1, 1.0), seeds: Sequence[int] = (0,),
+                          min_positives: int = 1, device: torch.device | str = "cpu") -> dict:
+    """Dice per finding of a linear decoder on frozen patch tokens (see the module docstring).
+
+    Args:
+        model: a method with ``model.vision(images).tokens`` (B, N, D); left frozen.
+        tokenizer: the model's tokenizer (the shared loader collates reports too).
+        train_samples / test_samples: the training pool and the test split (samples without
+            ``meta["mask"]`` are ignored).
+        cfg: the run's config (preprocessing, ``eval.batch_size``).
+        classes: the dataset's classes; those with a mask bit (not "No Finding") are scored.
+        dataset_root: the folder that holds the manifest (mask paths are relative to it).
+    Returns ``{"fractions": {"0.01": {"dice": mean, "sd", "per_class", "n_train"}, ...},
+    "classes", "grid", "protocol"}``. Raises :class:`DenseTaskSkipped` when it does not apply.
+    """
+    from medvlp.data.synth.generator import CLASSES as MASK_CLASSES
+
+    root = Path(dataset_root)
+    scored = [c for c in classes if c in MASK_CLASSES and c != "No Finding"]
+    train = [s for s in train_samples if s.meta.get("mask")]
+    test = [s for s in test_samples if s.meta.get("mask")]
+    if not scored or not train or not test:
+        raise DenseTaskSkipped(f"segmentation needs masks (meta.mask) in both splits: {len(train)} training and "
+                               f"{len(test)} test images have one, {len(scored)} classes have a mask bit")
+    was_training = model.training
+    model.eval()
+    try:
+        train_ids, train_tok = patch_features(model, tokenizer, train, cfg, classes, device=device)
+        test_ids, test_tok = patch_features(model, tokenizer, test, cfg, classes, device=device)
+    finally:
+        model.train(was_training)
+    by_id = {s.id: s for s in [*train, *test]}
+    train, test = [by_id[i] for i in train_ids], [by_id[i] for i in test_ids]
+    grid = math.isqrt(train_tok.shape[1])
+    pad = cfg.data.pad_to_square
+    sub = min(cfg.model.vision.patch_size, MAX_SUB)
+    train_t = (mask_targets(train, root, scored, sub * grid, pad) * 255).round().to(torch.uint8)  # 1 byte a pixel
+    test_truth = mask_targets(test, root, scored, cfg.model.vision.image_size, pad) >= 0.5
+
+    runs = []
+    for seed, subsets in training_subsets(train, scored, fractions, seeds, min_positives).items():
+        run = {}
+        for f, idx in subsets.items():
+            idx_t = torch.as_tensor(idx, dtype=torch.long)
+            x_train, x_test = standardise(train_tok[idx_t], test_tok)
+            head = train_decoder(x_train, train_t[idx_t], seed, sub, device=device)
+            res = dice_per_class(predict_dice(head, x_test, test_truth, device=device), scored)
+            run[fraction_key(f)] = {"dice": res["mean"], "per_class": res["per_class"], "n_train": len(idx)}
+        runs.append(run)
+    return {
+        "fractions": summarise_seeds(runs, fractions, "dice"),
+        "classes": scored, "grid": grid, "n_test": len(test), "n_train_pool": len(train), "seeds": list(seeds),
+        "protocol": {"decoder": f"linear per patch -> {sub}x{sub} sub-patch logits, bilinear upsampling",
+                     "loss": "BCE + soft Dice", "steps": STEPS, "batch": BATCH, "lr": LR,
+                     "threshold": THRESHOLD, "eval_size": cfg.model.vision.image_size},
+    }
+
+
+__all__ = [
+    "DenseTaskSkipped",
+    "LinearPatchDecoder",
+    "evaluate_segmentation",
+    "mask_targets",
+    "patch_features",
+    "soft_dice_loss",
+    "train_decoder",
+]

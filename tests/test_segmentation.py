@@ -1,0 +1,116 @@
+"""Segmentation task: the decoder's geometry, a constant-token model scoring near zero while
+tokens that encode the masks score high, and the task end to end with a tiny CLIP."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from medvlp.config import load_config
+from medvlp.data.loader import make_loader
+from medvlp.data.manifest import read_info, read_manifest
+from medvlp.data.tokenize import train_wordpiece
+from medvlp.eval.segmentation import (
+    DenseTaskSkipped,
+    LinearPatchDecoder,
+    evaluate_segmentation,
+    mask_targets,
+)
+from tests.conftest import TINY
+
+
+def test_decoder_pixel_shuffle_puts_each_patch_in_its_cell():
+    head = LinearPatchDecoder(3, 2, 2)
+    with torch.no_grad():
+        head.proj.weight.zero_()
+        head.proj.bias.zero_()
+        head.proj.weight[:, 0] = 1.0  # every logit = feature 0 of its patch
+    tokens = torch.zeros(1, 4, 3)
+    tokens[0, 1, 0] = 5.0  # patch (row 0, col 1)
+    out = head(tokens)
+    assert out.shape == (1, 2, 4, 4)
+    assert (out[0, :, :2, 2:] == 5).all() and out.sum() == 5 * 2 * 4
+
+
+class _Vision:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, images):
+        return SimpleNamespace(tokens=self.fn(images))
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.vision = _Vision(fn)
+
+
+def _setup(tiny_dataset, tmp_path):
+    cfg = load_config("configs/experiments/demo.yaml", [*TINY, f"data.manifest={tiny_dataset}",
+                                                         f"train.output_dir={tmp_path / 'run'}"])
+    classes = read_info(tiny_dataset)["classes"]
+    tok = train_wordpiece(["the lungs are clear."], 64)
+    return cfg, classes, tok, read_manifest(tiny_dataset, ["train"]), read_manifest(tiny_dataset, ["test"])
+
+
+def test_constant_tokens_score_low_and_mask_tokens_score_high(tiny_dataset, tmp_path):
+    cfg, classes, tok, _, test = _setup(tiny_dataset, tmp_path)
+    # the tiny train split has 16 masked images, several classes without a positive: pool every
+    # non-test split so that the oracle's channels of every class are seen in training
+    train = read_manifest(tiny_dataset, ["train", "val", "pretrain", "pretrain-labeled", "pretrain-unpaired"])
+    grid = cfg.model.vision.image_size // cfg.model.vision.patch_size
+    const = _Model(lambda images: torch.ones(len(images), grid * grid, 8))
+    low = evaluate_segmentation(const, tok, train, test, cfg, classes, tiny_dataset, fractions=(1.0,))
+    assert low["grid"] == grid and low["n_test"] > 5 and "No Finding" not in low["classes"]
+
+    # oracle: each patch token holds the share of the patch each class covers (read from the files)
+    scored, sub = low["classes"], cfg.model.vision.patch_size
+    samples = [*train, *test]
+    by_id = {s.id: s for s in samples}
+    oracle_by_image = {}
+    for batch in make_loader(samples, cfg, tok, classes, batch_size=64):
+        soft = mask_targets([by_id[i] for i in batch.ids], tiny_dataset, scored, sub * grid)  # (B, K, R, R)
+        b, k = soft.shape[:2]
+        cells = soft.reshape(b, k, grid, sub, grid, sub).mean(dim=(3, 5)).permute(0, 2, 3, 1).reshape(b, grid * grid, k)
+        for img, t in zip(batch.images, cells):
+            oracle_by_image[img.numpy().tobytes()] = 4 * t - 2
+    oracle = _Model(lambda images: torch.stack([oracle_by_image[x.numpy().tobytes()] for x in images]))
+    high = evaluate_segmentation(oracle, tok, train, test, cfg, classes, tiny_dataset, fractions=(0.1, 1.0))
+    lo, hi = low["fractions"]["1"]["dice"], high["fractions"]["1"]["dice"]
+    # patch-coverage tokens cannot draw sub-patch shapes and the fixed 300-step protocol is short:
+    # the oracle reaches ~0.25 here (constant 0.0); issue 6 keeps the protocol's tuning open
+    assert lo < 0.05 and hi > 0.2, (lo, hi)
+    assert set(high["fractions"]) == {"0.1", "1"}
+    n = high["fractions"]
+    assert n["0.1"]["n_train"][0] < n["1"]["n_train"][0] == high["n_train_pool"]
+
+
+def test_skipped_without_vision_tower_or_masks(tiny_dataset, tmp_path):
+    cfg, classes, tok, train, test = _setup(tiny_dataset, tmp_path)
+    with pytest.raises(DenseTaskSkipped, match="no vision tower"):
+        evaluate_segmentation(torch.nn.Linear(1, 1), tok, train, test, cfg, classes, tiny_dataset)
+    from dataclasses import replace
+    bare = [replace(s, meta={}) for s in test]
+    with pytest.raises(DenseTaskSkipped, match="needs masks"):
+        evaluate_segmentation(_Model(lambda x: None), tok, train, bare, cfg, classes, tiny_dataset)
+
+
+def test_tiny_clip_end_to_end(tiny_dataset, tmp_path):
+    from medvlp.hub import build_method
+
+    cfg = load_config("configs/methods/clip.yaml", [*TINY, f"data.manifest={tiny_dataset}",
+                                                     f"train.output_dir={tmp_path}"])
+    classes = read_info(tiny_dataset)["classes"]
+    tok = train_wordpiece(["small right pleural effusion", "no acute findings"] * 4, 300)
+    torch.manual_seed(0)
+    model = build_method(cfg, tok)
+    train, test = read_manifest(tiny_dataset, ["train"]), read_manifest(tiny_dataset, ["test"])
+    res = evaluate_segmentation(model, tok, train, test, cfg, classes, tiny_dataset, seeds=(0, 1))
+    assert set(res["fractions"]) == {"0.01", "0.1", "1"} and res["grid"] == 4 and model.training
+    for f in res["fractions"].values():
+        assert 0.0 <= f["dice"] <= 1.0 and f["sd"] >= 0.0 and len(f["n_train"]) == 2
+        assert all(0.0 <= v <= 1.0 for v in f["per_class"].values())
+    assert np.isfinite(res["fractions"]["1"]["dice"])

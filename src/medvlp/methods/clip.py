@@ -25,14 +25,15 @@ from medvlp.registry import METHODS
 
 
 @dataclass
-class ClipConfig(MethodConfig):
-    name: str = "clip"
+class SharedSpaceConfig(MethodConfig):
+    """The keys of the shared image-text space that every contrastive recipe has, with CLIP's
+    defaults (a recipe's config subclasses this and adds its own keys)."""
+
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     learn_temperature: bool = True
     projection: Literal["linear", "mlp"] = "linear"
     gather_with_grad: bool = True
-    local_loss: bool = False
     mask_identical_texts: bool = True
 
     def validate(self, prefix: str) -> None:
@@ -44,6 +45,32 @@ class ClipConfig(MethodConfig):
             raise ConfigError(f"{prefix}.max_logit_scale: must be >= 1/init_temperature ({1 / self.init_temperature:.1f})")
 
 
+@dataclass
+class ClipConfig(SharedSpaceConfig):
+    name: str = "clip"
+    local_loss: bool = False
+
+
+class SharedSpace:
+    """Mixin for methods with CLIP's shared space: the two projections, the learned log(1/tau)
+    (1/tau clamped to ``max_logit_scale``, kept in fp32) and its clamp after each optimizer step.
+    The attribute names (``image_proj``, ``text_proj``, ``logit_scale``) are what checkpoints hold."""
+
+    def build_shared_space(self, cfg) -> None:
+        m = cfg.method
+        self.image_proj = projection(self.vision.width, cfg.model.embed_dim, m.projection)
+        self.text_proj = projection(self.text.width, cfg.model.embed_dim, m.projection)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / m.init_temperature)),
+                                        requires_grad=m.learn_temperature)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        self.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
+
+
 def text_hashes(texts: list[str], device: torch.device) -> torch.Tensor:
     """A stable 63-bit hash per text (whitespace- and case-normalised), to find duplicates across ranks."""
     vals = [int.from_bytes(hashlib.blake2b(" ".join(t.lower().split()).encode(), digest_size=8).digest(), "little") >> 1
@@ -52,16 +79,13 @@ def text_hashes(texts: list[str], device: torch.device) -> torch.Tensor:
 
 
 @METHODS.register("clip", ClipConfig, "CLIP / ConVIRT: symmetric image-report InfoNCE")
-class Clip(Method):
+class Clip(SharedSpace, Method):
     def __init__(self, cfg, tokenizer, *, load_text_weights: bool = True):
         super().__init__()
         mcfg: ClipConfig = cfg.method
         self.cfg = mcfg
         self.vision, self.text = build_towers(cfg, tokenizer, load_text_weights=load_text_weights)
-        self.image_proj = projection(self.vision.width, cfg.model.embed_dim, mcfg.projection)
-        self.text_proj = projection(self.text.width, cfg.model.embed_dim, mcfg.projection)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / mcfg.init_temperature)),
-                                        requires_grad=mcfg.learn_temperature)
+        self.build_shared_space(cfg)
         self.loss_fn = ClipLoss(gather_with_grad=mcfg.gather_with_grad, local_loss=mcfg.local_loss)
 
     # ------------------------------------------------------------------ encoders
@@ -74,9 +98,6 @@ class Clip(Method):
     def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         # the global image projection applied to every patch token: the space the prompts live in
         return F.normalize(self.image_proj(self.vision(images).tokens), dim=-1)
-
-    def scale(self) -> torch.Tensor:
-        return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
 
     # ------------------------------------------------------------------ training
     def forward(self, batch) -> dict[str, torch.Tensor]:
@@ -92,6 +113,5 @@ class Clip(Method):
         loss = self.loss_fn(img, txt, scale, pair_keys=keys)
         return {"loss": loss, "loss_clip": loss.detach(), "logit_scale": scale.detach()}
 
-    @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        self.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
+        self.clamp_logit_scale()

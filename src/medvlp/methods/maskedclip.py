@@ -26,7 +26,6 @@ forms, weights) is this project's reconstruction; docs/methods/maskedclip.md lis
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,19 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlp.config import MethodConfig
 from medvlp.errors import ConfigError
 from medvlp.losses.contrastive import ClipLoss
 from medvlp.losses.distill import masked_feature_distill
 from medvlp.losses.reconstruction import masked_patch_mse
-from medvlp.methods.base import Method, build_towers, projection
-from medvlp.methods.clip import text_hashes
+from medvlp.methods.base import Method, build_towers
+from medvlp.methods.clip import SharedSpace, SharedSpaceConfig, text_hashes
 from medvlp.models.ema import EmaTeacher, cosine_momentum
 from medvlp.registry import METHODS
 
 
 @dataclass
-class MaskedClipConfig(MethodConfig):
+class MaskedClipConfig(SharedSpaceConfig):
     name: str = "maskedclip"
     # masked image modeling (MAE's choices)
     mask_ratio: float = 0.75
@@ -65,13 +63,7 @@ class MaskedClipConfig(MethodConfig):
     ema_momentum: float = 0.996
     ema_schedule: Literal["cosine", "constant"] = "cosine"
     # CLIP (same keys and defaults as the clip recipe)
-    init_temperature: float = 0.07
-    max_logit_scale: float = 100.0
-    learn_temperature: bool = True
-    projection: Literal["linear", "mlp"] = "linear"
-    gather_with_grad: bool = True
     local_loss: bool = False
-    mask_identical_texts: bool = True
     # loss weights
     mim_weight: float = 1.0
     clip_weight: float = 1.0
@@ -92,10 +84,7 @@ class MaskedClipConfig(MethodConfig):
             raise ConfigError(f"{prefix}.mkd_beta: must be > 0, got {self.mkd_beta}")
         if not 0.0 <= self.ema_momentum <= 1.0:
             raise ConfigError(f"{prefix}.ema_momentum: must be within [0, 1], got {self.ema_momentum} (e.g. 0.996)")
-        if not 0 < self.init_temperature < 1:
-            raise ConfigError(f"{prefix}.init_temperature: must be within (0, 1), got {self.init_temperature}")
-        if self.max_logit_scale < 1 / self.init_temperature:
-            raise ConfigError(f"{prefix}.max_logit_scale: must be >= 1/init_temperature ({1 / self.init_temperature:.1f})")
+        super().validate(prefix)
         for name in ("mim_weight", "clip_weight", "mkd_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
@@ -133,7 +122,7 @@ class ImageBranch(nn.Module):
 
 @METHODS.register("maskedclip", MaskedClipConfig,
                   "MaskedCLIP: MIM + CLIP through a bridge + masked feature distillation (paired + unpaired images)")
-class MaskedClip(Method):
+class MaskedClip(SharedSpace, Method):
     no_weight_decay = (*Method.no_weight_decay, "mask_token")
 
     def __init__(self, cfg, tokenizer, *, load_text_weights: bool = True):
@@ -151,10 +140,7 @@ class MaskedClip(Method):
         self.feature_decoder = MaskedTokenDecoder(self.vision.width, self.vision.width, self.vision.grid_size,
                                                   width=m.feature_decoder_width, depth=m.feature_decoder_depth,
                                                   heads=m.feature_decoder_heads)
-        self.image_proj = projection(self.vision.width, cfg.model.embed_dim, m.projection)
-        self.text_proj = projection(self.text.width, cfg.model.embed_dim, m.projection)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / m.init_temperature)),
-                                        requires_grad=m.learn_temperature)
+        self.build_shared_space(cfg)
         self.loss_fn = ClipLoss(gather_with_grad=m.gather_with_grad, local_loss=m.local_loss)
         # built last, from the initialised student: teacher = student at step 0
         self.teacher = EmaTeacher(self._student_branch(), m.ema_momentum)
@@ -177,9 +163,6 @@ class MaskedClip(Method):
     def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         # the bridge's patch tokens through the CLIP image projection (localisation maps)
         return F.normalize(self.image_proj(self.clip_tokens(images)[:, 1:]), dim=-1)
-
-    def scale(self) -> torch.Tensor:
-        return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
 
     def momentum(self, step: int) -> float:
         """Teacher momentum after optimizer step ``step`` (0-based)."""
@@ -229,7 +212,7 @@ class MaskedClip(Method):
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        self.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
+        self.clamp_logit_scale()
         self.teacher.update(self._student_branch(), self.momentum(step))
 
 

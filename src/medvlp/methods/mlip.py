@@ -24,7 +24,6 @@ Evaluation is a dual encoder (``encode_image`` / ``encode_text`` as CLIP; ``patc
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlp.config import MethodConfig
 from medvlp.distributed import gather_features
 from medvlp.errors import ConfigError, DataError
 from medvlp.losses.contrastive import info_nce, same_key_mask
@@ -46,22 +44,16 @@ from medvlp.losses.knowledge import (
 )
 from medvlp.losses.local import mgca_local_loss
 from medvlp.losses.prototypes import swapped_prediction_loss
-from medvlp.methods.base import Method, build_towers, projection
-from medvlp.methods.clip import text_hashes
+from medvlp.methods.base import Method, build_towers
+from medvlp.methods.clip import SharedSpace, SharedSpaceConfig, text_hashes
 from medvlp.models.ema import EmaTeacher, cosine_momentum
 from medvlp.registry import METHODS
 
 
 @dataclass
-class MlipConfig(MethodConfig):
+class MlipConfig(SharedSpaceConfig):
     name: str = "mlip"
     # CLIP (same keys and defaults as the clip recipe)
-    init_temperature: float = 0.07
-    max_logit_scale: float = 100.0
-    learn_temperature: bool = True
-    projection: Literal["linear", "mlp"] = "linear"
-    gather_with_grad: bool = True
-    mask_identical_texts: bool = True
     # divergence encoder (EMA teacher)
     ema_momentum: float = 0.996
     ema_schedule: Literal["cosine", "constant"] = "cosine"
@@ -87,10 +79,7 @@ class MlipConfig(MethodConfig):
     category_weight: float = 0.5
 
     def validate(self, prefix: str) -> None:
-        if not 0 < self.init_temperature < 1:
-            raise ConfigError(f"{prefix}.init_temperature: must be within (0, 1), got {self.init_temperature}")
-        if self.max_logit_scale < 1 / self.init_temperature:
-            raise ConfigError(f"{prefix}.max_logit_scale: must be >= 1/init_temperature ({1 / self.init_temperature:.1f})")
+        super().validate(prefix)
         if not 0.0 <= self.ema_momentum <= 1.0:
             raise ConfigError(f"{prefix}.ema_momentum: must be within [0, 1], got {self.ema_momentum} (e.g. 0.996)")
         if not 0.0 <= self.teacher_mask_ratio < 1.0:
@@ -164,7 +153,7 @@ def knowledge_phrases(knowledge, classes: list[str], tokenizer) -> PhraseTable:
 
 
 @METHODS.register("mlip", MlipConfig, "MLIP: divergence encoder + token-knowledge-patch + knowledge-guided prototypes")
-class Mlip(Method):
+class Mlip(SharedSpace, Method):
     no_weight_decay = (*Method.no_weight_decay, "prototypes")
 
     def __init__(self, cfg, tokenizer, *, load_text_weights: bool = True):
@@ -179,10 +168,7 @@ class Mlip(Method):
         self.phrases = knowledge_phrases(knowledge, self.classes, tokenizer)
 
         self.vision, self.text = build_towers(cfg, tokenizer, load_text_weights=load_text_weights)
-        self.image_proj = projection(self.vision.width, cfg.model.embed_dim, m.projection)
-        self.text_proj = projection(self.text.width, cfg.model.embed_dim, m.projection)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / m.init_temperature)),
-                                        requires_grad=m.learn_temperature)
+        self.build_shared_space(cfg)
 
         # definitions (for the token enrichment) and "name: definition" (for the prototype seeds)
         max_len = cfg.model.text.max_length
@@ -221,9 +207,6 @@ class Mlip(Method):
     def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """(B, N, D) L2-normalised projected patch tokens (for localisation maps)."""
         return F.normalize(self.image_proj(self.vision(images).tokens), dim=-1)
-
-    def scale(self) -> torch.Tensor:
-        return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
 
     def momentum(self, step: int) -> float:
         if self.cfg.ema_schedule == "constant":
@@ -327,7 +310,7 @@ class Mlip(Method):
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        self.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
+        self.clamp_logit_scale()
         self.teacher.update(self._student(), self.momentum(step))
         self.definition_age.sub_(1)
 

@@ -21,39 +21,30 @@ encoders and projections, so zero-shot and retrieval apply.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from medvlp.data.masking import IGNORE
 from medvlp.errors import ConfigError
 from medvlp.losses.contrastive import ClipLoss
 from medvlp.losses.local import gloria_local_loss, mgca_local_loss
-from medvlp.methods.base import projection
-from medvlp.methods.clip import text_hashes
+from medvlp.methods.clip import SharedSpace, SharedSpaceConfig, text_hashes
 from medvlp.methods.m3ae import M3ae, M3aeConfig, MaskedViews
 from medvlp.registry import METHODS
 
 
 @dataclass
-class MpmaConfig(M3aeConfig):
+class MpmaConfig(M3aeConfig, SharedSpaceConfig):
     name: str = "mpma"
     memory_slots: int = 32
     global_weight: float = 1.0
     local_weight: float = 0.5
     local_variant: Literal["mgca", "gloria"] = "mgca"
     local_tau: float = 0.1
-    init_temperature: float = 0.07
-    max_logit_scale: float = 100.0
-    learn_temperature: bool = True
-    projection: Literal["linear", "mlp"] = "linear"
-    gather_with_grad: bool = True
     local_loss: bool = False
-    mask_identical_texts: bool = True
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -66,23 +57,17 @@ class MpmaConfig(M3aeConfig):
             raise ConfigError(f"{prefix}.local_weight: must be >= 0 (0 turns local alignment off), got {self.local_weight}")
         if self.local_tau <= 0:
             raise ConfigError(f"{prefix}.local_tau: must be > 0, got {self.local_tau}")
-        if not 0 < self.init_temperature < 1:
-            raise ConfigError(f"{prefix}.init_temperature: must be within (0, 1), got {self.init_temperature}")
-        if self.max_logit_scale < 1 / self.init_temperature:
-            raise ConfigError(f"{prefix}.max_logit_scale: must be >= 1/init_temperature ({1 / self.init_temperature:.1f})")
+        SharedSpaceConfig.validate(self, prefix)
 
 
 @METHODS.register("mpma", MpmaConfig, "MPMA: M3AE-style paired masking + memory-augmented fusion + global/local alignment")
-class Mpma(M3ae):
+class Mpma(SharedSpace, M3ae):
     supports_text = True
 
     def __init__(self, cfg, tokenizer, *, load_text_weights: bool = True):
         super().__init__(cfg, tokenizer, load_text_weights=load_text_weights)
         m: MpmaConfig = self.cfg
-        self.image_proj = projection(self.vision.width, cfg.model.embed_dim, m.projection)
-        self.text_proj = projection(self.text.width, cfg.model.embed_dim, m.projection)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / m.init_temperature)),
-                                        requires_grad=m.learn_temperature)
+        self.build_shared_space(cfg)
         self.loss_fn = ClipLoss(gather_with_grad=m.gather_with_grad, local_loss=m.local_loss)
 
     # ------------------------------------------------------------------ encoders (unmasked)
@@ -95,9 +80,6 @@ class Mpma(M3ae):
     def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         # the global image projection on the unmasked patch tokens, as the local alignment uses it
         return F.normalize(self.image_proj(self.vision(images).tokens), dim=-1)
-
-    def scale(self) -> torch.Tensor:
-        return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
 
     # ------------------------------------------------------------------ M3AE hooks
     def _fusion_memory_slots(self) -> int:
@@ -135,7 +117,7 @@ class Mpma(M3ae):
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        self.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
+        self.clamp_logit_scale()
 
 
 __all__ = ["Mpma", "MpmaConfig"]

@@ -30,21 +30,18 @@ BCE on ``scale * (v . pos_k - v . neg_k)`` -- exactly the zero-shot score.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from medvlp.config import MethodConfig
 from medvlp.data.sample import MISSING, NEGATIVE, POSITIVE, UNCERTAIN
 from medvlp.distributed import gather_features
 from medvlp.errors import ConfigError, DataError
 from medvlp.losses.soft_contrastive import label_contrastive_loss
-from medvlp.methods.base import Method, build_towers, projection
-from medvlp.methods.clip import text_hashes
+from medvlp.methods.base import Method, build_towers
+from medvlp.methods.clip import SharedSpace, SharedSpaceConfig, text_hashes
 from medvlp.models.prompts import PromptLearner
 from medvlp.registry import METHODS
 
@@ -52,7 +49,7 @@ NO_FINDING = "No Finding"
 
 
 @dataclass
-class UmclConfig(MethodConfig):
+class UmclConfig(SharedSpaceConfig):
     name: str = "umcl"
     # the prompt learner's classes, in the order of the batches' label columns (dataset.json);
     # empty = take the training dataset's; loading a checkpoint fills it from the checkpoint
@@ -65,12 +62,6 @@ class UmclConfig(MethodConfig):
     targets: Literal["equal", "soft"] = "equal"
     tau_t: float = 0.1
     negative_weight: float = 0.5
-    init_temperature: float = 0.07
-    max_logit_scale: float = 100.0
-    learn_temperature: bool = True
-    projection: Literal["linear", "mlp"] = "linear"
-    gather_with_grad: bool = True
-    mask_identical_texts: bool = True
 
     def validate(self, prefix: str) -> None:
         if self.n_ctx < 1:
@@ -86,10 +77,7 @@ class UmclConfig(MethodConfig):
                               f"got {self.negative_weight}")
         if len(set(self.classes)) != len(self.classes):
             raise ConfigError(f"{prefix}.classes: lists a class twice: {self.classes}")
-        if not 0 < self.init_temperature < 1:
-            raise ConfigError(f"{prefix}.init_temperature: must be within (0, 1), got {self.init_temperature}")
-        if self.max_logit_scale < 1 / self.init_temperature:
-            raise ConfigError(f"{prefix}.max_logit_scale: must be >= 1/init_temperature ({1 / self.init_temperature:.1f})")
+        super().validate(prefix)
 
 
 def resolve_prompt_classes(cfg) -> list[str]:
@@ -121,7 +109,7 @@ def canonical_codes(codes: torch.Tensor, no_finding: int | None) -> torch.Tensor
 
 
 @METHODS.register("umcl", UmclConfig, "UMCL: image-text-label contrastive learning with learned (CoOp) prompts")
-class Umcl(Method):
+class Umcl(SharedSpace, Method):
     no_weight_decay = Method.no_weight_decay + ("prompt_learner.ctx",)
 
     def __init__(self, cfg, tokenizer, *, load_text_weights: bool = True):
@@ -130,10 +118,7 @@ class Umcl(Method):
         self.cfg = m
         self.classes = resolve_prompt_classes(cfg)
         self.vision, self.text = build_towers(cfg, tokenizer, load_text_weights=load_text_weights)
-        self.image_proj = projection(self.vision.width, cfg.model.embed_dim, m.projection)
-        self.text_proj = projection(self.text.width, cfg.model.embed_dim, m.projection)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / m.init_temperature)),
-                                        requires_grad=m.learn_temperature)
+        self.build_shared_space(cfg)
         names = self.classes + [f"{m.negation} {c}" for c in self.classes]  # rows K.. are the negative prompts
         self.prompt_learner = PromptLearner(tokenizer, names, self.text.get_input_embeddings(), n_ctx=m.n_ctx,
                                             class_specific=m.class_specific, init=m.prompt_init)
@@ -149,9 +134,6 @@ class Umcl(Method):
     def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         # as CLIP: the global image projection on every patch token (localisation maps)
         return F.normalize(self.image_proj(self.vision(images).tokens), dim=-1)
-
-    def scale(self) -> torch.Tensor:
-        return self.logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
 
     def prompt_embeddings(self, negatives: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Learned class prompts in the shared space: (pos (K, D), neg (K, D) or None), L2-normalised.
@@ -255,7 +237,7 @@ class Umcl(Method):
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        self.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
+        self.clamp_logit_scale()
 
 
 __all__ = ["Umcl", "UmclConfig", "canonical_codes", "resolve_prompt_classes"]

@@ -142,10 +142,11 @@ def test_evaluate_cli_runs_vqa_finetune_and_segmentation(tiny_dataset, tmp_path)
     assert main(["pretrain", "--config", "configs/methods/clip.yaml", *TINY, f"data.manifest={tiny_dataset}",
                  f"train.output_dir={run}", "data.train_split=pretrain", "train.steps=2"]) == 0
     out = tmp_path / "eval"
-    assert main(["evaluate", str(run), "--out", str(out), "--tasks", "vqa,finetune,segmentation",
+    assert main(["evaluate", str(run), "--out", str(out), "--tasks", "vqa,finetune,segmentation,detection",
                  "--overrides", "eval.fractions=[1.0]"]) == 0
     m = json.loads((out / "metrics.json").read_text())["run"]
-    assert {"vqa", "finetune", "segmentation"} <= set(m), sorted(m)
+    assert {"vqa", "finetune", "segmentation", "detection"} <= set(m), sorted(m)
     assert 0.0 <= m["vqa"]["model"]["overall"]["mean"] <= 1.0 and "question_only" in m["vqa"]
     report = (out / "report.md").read_text()
     assert "VQA overall accuracy" in report and "fine-tuning AUROC @100%" in report and "segmentation Dice" in report
+    assert "detection mAP@0.5 @100%" in report

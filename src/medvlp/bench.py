@@ -147,6 +147,7 @@ COLUMNS = [
     ("vqa_overall", "VQA acc"), ("vqa_question_only", "VQA acc, question only"),
     ("vqa_image_shuffled", "VQA acc, images shuffled"),
     ("finetune_auroc@0.01", "fine-tune AUROC 1 %"), ("seg_dice@0.01", "seg Dice 1 %"),
+    ("det_map50@0.01", "det mAP@0.5 1 %"), ("det_map50@1", "det mAP@0.5 100 %"),
     ("steps", "steps"), ("samples_seen", "samples seen"), ("flops_total", "FLOPs"), ("train_minutes", "train min"),
 ]
 
@@ -176,6 +177,8 @@ def extract_metrics(evaluation: dict) -> dict:
         out[f"finetune_auroc@{key}"] = entry.get("mean")
     for key, entry in ((evaluation.get("segmentation") or {}).get("fractions") or {}).items():
         out[f"seg_dice@{key}"] = entry.get("dice")
+    for key, entry in ((evaluation.get("detection") or {}).get("fractions") or {}).items():
+        out[f"det_map50@{key}"] = entry.get("map_50")
     loc = evaluation.get("localization") or {}
     if loc.get("pointing_game"):
         out["pointing_game"] = loc["pointing_game"].get("mean")

@@ -55,7 +55,7 @@ def _add_evaluate(sub) -> None:
                                    "and write metrics.json, report.md and roc.png.")
     p.add_argument("checkpoints", nargs="+", help="checkpoint folders or run folders (latest checkpoint)")
     p.add_argument("--data", default=None, help="dataset folder or manifest (default: the one the first model trained on)")
-    p.add_argument("--tasks", default=None, help="comma-separated subset of zeroshot,retrieval,linear_probe,localization,prompt_tuning,vqa,finetune,segmentation")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of zeroshot,retrieval,linear_probe,localization,prompt_tuning,vqa,finetune,segmentation,detection")
     p.add_argument("--out", default=None, help="report folder (default: <first checkpoint>/eval)")
     p.add_argument("--random-init", action="store_true",
                    help="also evaluate the first model's encoders at random initialisation, as a baseline")

@@ -144,7 +144,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     tasks: list[Literal["zeroshot", "retrieval", "linear_probe", "localization", "prompt_tuning", "vqa", "finetune",
-                       "segmentation"]] = field(
+                       "segmentation", "detection"]] = field(
         default_factory=lambda: ["zeroshot", "retrieval", "linear_probe"]
     )
     split: str = "test"

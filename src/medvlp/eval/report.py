@@ -101,7 +101,9 @@ def _rows(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str]
         add(f"VQA {kind} accuracy (question-only / image-shuffled)",
             lambda m, k=kind: f"{_num(m['vqa']['model'][k]['mean'])} ({_num(m['vqa']['question_only'][k]['mean'])} / "
             f"{_num(m['vqa']['image_shuffled'][k]['mean'])})")
-    for task, title, key in (("finetune", "fine-tuning AUROC", "mean"), ("segmentation", "segmentation Dice", "dice")):
+    for task, title, key in (("finetune", "fine-tuning AUROC", "mean"), ("segmentation", "segmentation Dice", "dice"),
+                             ("detection", "detection mAP@0.5", "map_50"), ("detection", "detection mAP@[.5:.95]",
+                                                                            "map_50_95")):
         keys: list[str] = []
         for metrics in results.values():
             keys += [k for k in (metrics.get(task) or {}).get("fractions", {}) if k not in keys]

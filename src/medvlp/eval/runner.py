@@ -49,9 +49,10 @@ from medvlp.eval.zeroshot import (
 log = logging.getLogger(__name__)
 
 MAX_ZERO_SHOT_SCALE = 100.0
-TASKS = ("zeroshot", "retrieval", "linear_probe", "localization", "prompt_tuning", "vqa", "finetune", "segmentation")
+TASKS = ("zeroshot", "retrieval", "linear_probe", "localization", "prompt_tuning", "vqa", "finetune", "segmentation",
+         "detection")
 #: tasks that train on the probe's training split (``eval.probe_train_split``)
-POOL_TASKS = ("linear_probe", "prompt_tuning", "vqa", "finetune", "segmentation")
+POOL_TASKS = ("linear_probe", "prompt_tuning", "vqa", "finetune", "segmentation", "detection")
 
 
 def _make_loader(samples: Sequence[Sample], cfg, tokenizer, classes: Sequence[str], batch_size: int) -> Iterable:
@@ -345,9 +346,10 @@ def _evaluate_one(name: str, model: nn.Module, tokenizer, cfg, classes: list[str
 
 def _downstream(name: str, model: nn.Module, tokenizer, cfg, classes: list[str], tasks: list[str],
                 test: list[Sample], pool: list[Sample] | None, out: dict, *, device, dataset) -> None:
-    """VQA, full fine-tuning and segmentation (each trains a head on the probe's training split);
+    """VQA, full fine-tuning, segmentation and detection (each trains a head on the probe's training split);
     a task that does not apply is listed under ``meta.skipped_tasks`` with the reason."""
     from medvlp.data.manifest import resolve_manifest
+    from medvlp.eval.detection import evaluate_detection
     from medvlp.eval.finetune import evaluate_finetune
     from medvlp.eval.segmentation import DenseTaskSkipped, evaluate_segmentation
     from medvlp.eval.vqa import evaluate_vqa
@@ -362,6 +364,8 @@ def _downstream(name: str, model: nn.Module, tokenizer, cfg, classes: list[str],
                                                       resolve_manifest(dataset).parent, fractions=fractions,
                                                       seeds=seeds, min_positives=cfg.eval.min_positives,
                                                       device=device),
+        "detection": lambda: evaluate_detection(model, tokenizer, pool, test, cfg, classes, fractions=fractions,
+                                                seeds=seeds, min_positives=cfg.eval.min_positives, device=device),
     }
     for task, run in runs.items():
         if task not in tasks:

@@ -109,7 +109,11 @@ def trained_on(cfg, recipe: str) -> str:
     if recipe == RANDOM_INIT:
         return "none (initialisation)"
     if getattr(cfg.data, "sources", None):
-        return " + ".join(f"{s.split} ({s.kind}, w {s.weight:g})" for s in cfg.data.sources)
+        def part(s) -> str:
+            subjects = "" if list(s.subjects) == [0.0, 1.0] else f", subjects [{s.subjects[0]:g}, {s.subjects[1]:g})"
+            return f"{s.split} ({s.kind}, w {s.weight:g}{subjects})"
+
+        return " + ".join(part(s) for s in cfg.data.sources)
     return cfg.data.train_split
 
 
@@ -148,13 +152,25 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _same_config(saved: dict | None, cfg) -> bool:
+    """Whether a finished run's saved config is this cell's. The saved one is read back through
+    today's config classes first, so keys added to medvlp since (with their defaults) do not
+    make an old run look different; a key that no longer exists does."""
+    if saved is None:
+        return False
+    try:
+        return to_dict(build_config(saved)) == to_dict(cfg)
+    except ConfigError:
+        return False
+
+
 def finished_result(cell: Cell, benchmark: dict) -> dict | None:
     """The cell's result if it already finished with this benchmark version and config."""
     path = cell.dir / "result.json"
     if not path.is_file():
         return None
     old = json.loads(path.read_text())
-    if old.get("benchmark") != benchmark or old.get("config") != to_dict(cell.cfg):
+    if old.get("benchmark") != benchmark or not _same_config(old.get("config"), cell.cfg):
         what = "benchmark version (data or runner format)" if old.get("benchmark") != benchmark else "config or budget"
         raise ConfigError(f"{path} was made with another {what} than this command's. Fix: use another --out "
                           "folder, or delete that run folder to redo it")

@@ -139,3 +139,20 @@ def test_runner_owned_keys_are_rejected(tiny_dataset, tmp_path, capsys):
     assert compare.main(_argv(tiny_dataset, tmp_path, "--set", "train.steps=5")) == 2
     assert "--steps" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_saved_configs_from_before_a_new_key_still_match(tiny_cfg):
+    from medvlp.config import to_dict
+
+    cfg = tiny_cfg()
+    saved = to_dict(cfg)
+    assert compare._same_config(copy.deepcopy(saved), cfg)
+    older = copy.deepcopy(saved)
+    del older["eval"]["prompt_tuning_steps"]  # a key added after the run: its default applies
+    assert compare._same_config(older, cfg)
+    changed = copy.deepcopy(saved)
+    changed["train"]["lr"] = saved["train"]["lr"] * 2
+    assert not compare._same_config(changed, cfg)
+    gone = copy.deepcopy(saved)
+    gone["method"]["no_such_key"] = 1  # a key that no longer exists: not the same run
+    assert not compare._same_config(gone, cfg) and not compare._same_config(None, cfg)

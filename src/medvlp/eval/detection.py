@@ -43,7 +43,7 @@ from medvlp.eval.dense_metrics import mean_average_precision
 from medvlp.eval.linear_probe import fraction_key
 from medvlp.eval.segmentation import (
     DenseTaskSkipped,
-    patch_features,
+    frozen_patch_tokens,
     standardise,
     summarise_seeds,
     training_subsets,
@@ -247,16 +247,8 @@ def evaluate_detection(model, tokenizer, train_samples: Sequence[Sample], test_s
     if not scored or not n_train_boxes or not n_test_boxes:
         raise DenseTaskSkipped(f"detection needs boxes (meta.findings[*].bbox) in both splits: {n_train_boxes} "
                                f"training and {n_test_boxes} test boxes of the given classes")
-    was_training = model.training
-    model.eval()
-    try:
-        train_ids, train_tok = patch_features(model, tokenizer, train, cfg, classes, device=device)
-        test_ids, test_tok = patch_features(model, tokenizer, test, cfg, classes, device=device)
-    finally:
-        model.train(was_training)
-    by_id = {s.id: s for s in [*train, *test]}
-    train, test = [by_id[i] for i in train_ids], [by_id[i] for i in test_ids]
-    grid = math.isqrt(train_tok.shape[1])
+    train, test, train_tok, test_tok, grid = frozen_patch_tokens(model, tokenizer, train, test, cfg, classes,
+                                                                 device=device)
     train_boxes = [sample_boxes(s, scored, pad) for s in train]
     test_boxes = [sample_boxes(s, scored, pad) for s in test]
     obj, reg = center_targets(train_boxes, grid, len(scored))

@@ -195,6 +195,22 @@ def predict_dice(head: LinearPatchDecoder, tokens: torch.Tensor, truth: torch.Te
 
 
 # ------------------------------------------------------------------------------ the task
+def frozen_patch_tokens(model, tokenizer, train: Sequence[Sample], test: Sequence[Sample], cfg, classes, *, device):
+    """Patch tokens of both splits from the model in eval mode (its mode restored afterwards):
+    ``(train samples, test samples, train tokens (I, N, D), test tokens, grid)``, the samples in
+    the order of their tokens (shared by the segmentation and detection tasks)."""
+    was_training = model.training
+    model.eval()
+    try:
+        train_ids, train_tok = patch_features(model, tokenizer, train, cfg, classes, device=device)
+        test_ids, test_tok = patch_features(model, tokenizer, test, cfg, classes, device=device)
+    finally:
+        model.train(was_training)
+    by_id = {s.id: s for s in [*train, *test]}
+    return ([by_id[i] for i in train_ids], [by_id[i] for i in test_ids], train_tok, test_tok,
+            math.isqrt(train_tok.shape[1]))
+
+
 def evaluate_segmentation(model, tokenizer, train_samples: Sequence[Sample], test_samples: Sequence[Sample], cfg,
                           classes: Sequence[str], dataset_root: str | Path, *,
                           fractions: Sequence[float] = (0.01, 0.1, 1.0), seeds: Sequence[int] = (0,),
@@ -221,16 +237,8 @@ def evaluate_segmentation(model, tokenizer, train_samples: Sequence[Sample], tes
     if not scored or not train or not test:
         raise DenseTaskSkipped(f"segmentation needs masks (meta.mask) in both splits: {len(train)} training and "
                                f"{len(test)} test images have one, {len(scored)} classes have a mask bit")
-    was_training = model.training
-    model.eval()
-    try:
-        train_ids, train_tok = patch_features(model, tokenizer, train, cfg, classes, device=device)
-        test_ids, test_tok = patch_features(model, tokenizer, test, cfg, classes, device=device)
-    finally:
-        model.train(was_training)
-    by_id = {s.id: s for s in [*train, *test]}
-    train, test = [by_id[i] for i in train_ids], [by_id[i] for i in test_ids]
-    grid = math.isqrt(train_tok.shape[1])
+    train, test, train_tok, test_tok, grid = frozen_patch_tokens(model, tokenizer, train, test, cfg, classes,
+                                                                 device=device)
     pad = cfg.data.pad_to_square
     sub = min(cfg.model.vision.patch_size, MAX_SUB)
     train_t = (mask_targets(train, root, scored, sub * grid, pad) * 255).round().to(torch.uint8)  # 1 byte a pixel

@@ -59,6 +59,24 @@ class ImageOnlyMethod(Method):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no text encoder (zero-shot and retrieval do not apply)")
 
+def dataset_classes(cfg, what: str) -> list[str]:
+    """``method.classes``, or else the training dataset's classes (dataset.json); ``what`` names
+    the part that needs them in the error (e.g. "the supervised head")."""
+    from medvlp.errors import ConfigError, DataError
+
+    if cfg.method.classes:
+        return list(cfg.method.classes)
+    if not cfg.data.manifest:
+        raise ConfigError(f"method.classes: empty and data.manifest is unset, so {what} has no classes; "
+                          "point data.manifest at the dataset (or list the classes in method.classes)")
+    from medvlp.data.manifest import read_info
+
+    classes = read_info(cfg.data.manifest).get("classes") or []
+    if not classes:
+        raise DataError(f"{cfg.data.manifest}: dataset.json lists no 'classes' for {what}")
+    return list(classes)
+
+
 def build_towers(cfg, tokenizer, *, load_text_weights: bool = True) -> tuple[nn.Module, nn.Module]:
     """The image and text encoders named by ``cfg.model`` (shared by every method).
     ``load_text_weights=False`` builds a Hugging Face text model from its config only

@@ -28,8 +28,8 @@ from torch import nn
 
 from medvlp.config import MethodConfig
 from medvlp.data.sample import NEGATIVE, POSITIVE, UNCERTAIN
-from medvlp.errors import ConfigError, DataError
-from medvlp.methods.base import ImageOnlyMethod
+from medvlp.errors import DataError
+from medvlp.methods.base import ImageOnlyMethod, dataset_classes
 from medvlp.registry import METHODS
 
 
@@ -72,17 +72,7 @@ def masked_bce(logits: torch.Tensor, codes: torch.Tensor, uncertain: str = "igno
 
 def resolve_classes(cfg) -> list[str]:
     """The head's classes: ``method.classes`` or the training dataset's (dataset.json)."""
-    if cfg.method.classes:
-        return list(cfg.method.classes)
-    if not cfg.data.manifest:
-        raise ConfigError("method.classes: empty and data.manifest is unset, so the supervised head has no classes; "
-                          "point data.manifest at the labelled dataset (or list the classes in method.classes)")
-    from medvlp.data.manifest import read_info
-
-    classes = read_info(cfg.data.manifest).get("classes") or []
-    if not classes:
-        raise DataError(f"{cfg.data.manifest}: dataset.json lists no 'classes' for the supervised head to predict")
-    return list(classes)
+    return dataset_classes(cfg, "the supervised head")
 
 
 @METHODS.register("supervised", SupervisedConfig, "Supervised ceiling: CLIP's ViT + linear head, masked BCE on labels")

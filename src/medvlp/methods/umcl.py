@@ -40,7 +40,7 @@ from medvlp.data.sample import MISSING, NEGATIVE, POSITIVE, UNCERTAIN
 from medvlp.distributed import gather_features
 from medvlp.errors import ConfigError, DataError
 from medvlp.losses.soft_contrastive import label_contrastive_loss
-from medvlp.methods.base import Method, build_towers
+from medvlp.methods.base import Method, build_towers, dataset_classes
 from medvlp.methods.clip import SharedSpace, SharedSpaceConfig, text_hashes
 from medvlp.models.prompts import PromptLearner
 from medvlp.registry import METHODS
@@ -82,17 +82,7 @@ class UmclConfig(SharedSpaceConfig):
 
 def resolve_prompt_classes(cfg) -> list[str]:
     """``method.classes`` or the training dataset's classes (dataset.json)."""
-    if cfg.method.classes:
-        return list(cfg.method.classes)
-    if not cfg.data.manifest:
-        raise ConfigError("method.classes: empty and data.manifest is unset, so UMCL's prompt learner has no classes; "
-                          "point data.manifest at the dataset (or list the classes in method.classes)")
-    from medvlp.data.manifest import read_info
-
-    classes = read_info(cfg.data.manifest).get("classes") or []
-    if not classes:
-        raise DataError(f"{cfg.data.manifest}: dataset.json lists no 'classes' for UMCL's prompts")
-    return list(classes)
+    return dataset_classes(cfg, "UMCL's prompt learner")
 
 
 def canonical_codes(codes: torch.Tensor, no_finding: int | None) -> torch.Tensor:

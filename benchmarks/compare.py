@@ -159,9 +159,21 @@ def _same_config(saved: dict | None, cfg) -> bool:
     if saved is None:
         return False
     try:
-        return to_dict(build_config(saved)) == to_dict(cfg)
+        return _identity(to_dict(build_config(saved))) == _identity(to_dict(cfg))
     except ConfigError:
         return False
+
+
+# Keys that change neither what a run computes nor its budget: the wall-time cap (a run that hit it
+# is flagged ``capped``), logging, progress bars, checkpoint cadence and the in-RAM image cache. A run
+# finished under one setting of these is the same cell under another.
+RUN_ONLY_KEYS = {"train": ("time_limit_minutes", "progress", "log_every", "tensorboard", "save_every", "keep_checkpoints"),
+                 "data": ("image_cache_mb",)}
+
+
+def _identity(cfg: dict) -> dict:
+    return {**cfg, **{section: {k: v for k, v in cfg.get(section, {}).items() if k not in keys}
+                      for section, keys in RUN_ONLY_KEYS.items()}}
 
 
 def finished_result(cell: Cell, benchmark: dict) -> dict | None:

@@ -153,6 +153,11 @@ def test_saved_configs_from_before_a_new_key_still_match(tiny_cfg):
     changed = copy.deepcopy(saved)
     changed["train"]["lr"] = saved["train"]["lr"] * 2
     assert not compare._same_config(changed, cfg)
+    capped_later = copy.deepcopy(saved)  # a wall-time cap or logging choice is not part of the cell
+    capped_later["train"]["time_limit_minutes"] = 240.0
+    capped_later["train"]["progress"] = not saved["train"]["progress"]
+    capped_later["data"]["image_cache_mb"] = 512.0
+    assert compare._same_config(capped_later, cfg)
     gone = copy.deepcopy(saved)
     gone["method"]["no_such_key"] = 1  # a key that no longer exists: not the same run
     assert not compare._same_config(gone, cfg) and not compare._same_config(None, cfg)

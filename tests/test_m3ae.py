@@ -154,3 +154,17 @@ def test_pretrain_then_evaluate(tiny_dataset, tmp_path):
     assert main(["evaluate", str(run), "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())["run"]
     assert set(m["meta"]["skipped_tasks"]) == {"zeroshot", "retrieval"} and len(m["linear_probe"]["fractions"]) == 3
+
+
+def test_vqa_features_are_the_fused_cls_pair_and_depend_on_both_inputs(tiny_dataset, tmp_path):
+    method, batch, _ = _method_and_batch(tiny_dataset, tmp_path)
+    method.eval()
+    with torch.no_grad():
+        feats = method.vqa_features(batch.images, batch.input_ids, batch.attention_mask)
+        width = method.image_to_fusion.out_features
+        assert feats.shape == (len(batch), 2 * width) and torch.isfinite(feats).all()
+        # the fused image half changes with the question and the question half with the image
+        flipped = method.vqa_features(batch.images.flip(0), batch.input_ids, batch.attention_mask)
+        assert not torch.allclose(flipped[:, width:], feats[:, width:])
+        other_q = method.vqa_features(batch.images, batch.input_ids.flip(0), batch.attention_mask.flip(0))
+        assert not torch.allclose(other_q[:, :width], feats[:, :width])

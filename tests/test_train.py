@@ -136,3 +136,23 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(tiny_cfg):
     loop.pretrain(tiny_cfg("train.steps=1"))
     with pytest.raises(ConfigError, match="already holds checkpoints.*--resume"):
         loop.pretrain(tiny_cfg("train.steps=1"))
+
+
+def test_image_cache_is_exact_bounded_and_off_by_default(tiny_dataset):
+    from medvlp.data.manifest import read_manifest, resolve_manifest
+    from medvlp.data.transforms import ImageCache, Preprocess, load_image, to_tensor
+
+    paths = [s.image for s in read_manifest(resolve_manifest(tiny_dataset))][:3]
+    pre = Preprocess(image_size=32)
+    off = ImageCache(0)
+    assert off.get(paths[0], pre) is not off.get(paths[0], pre) and not off.entries
+    one_image_mb = 32 * 32 * 4 / 2**20
+    cache = ImageCache(2.5 * one_image_mb)  # room for two prepared images
+    first = cache.get(paths[0], pre)
+    assert torch.equal(first, to_tensor(load_image(paths[0]), pre))
+    assert cache.get(paths[0], pre) is first  # a hit returns the stored tensor
+    for p in paths[1:]:
+        cache.get(p, pre)
+    assert len(cache.entries) == 2 and cache.used <= cache.budget  # full: the third is read, not kept
+    assert torch.equal(cache.get(paths[2], pre), to_tensor(load_image(paths[2]), pre))
+    assert cache.get(paths[0], Preprocess(image_size=16)).shape[-1] == 16  # keyed by the preprocessing too

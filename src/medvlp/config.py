@@ -113,6 +113,8 @@ class DataConfig:
     augment: bool = True
     batch_size: int = 64
     num_workers: int = 0
+    # decoded, resized images kept in RAM per process (MiB; 0 = off): read each file once, not once per epoch
+    image_cache_mb: float = 0.0
 
 
 @dataclass
@@ -351,6 +353,8 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
     if tr.time_limit_minutes < 0:
         raise ConfigError(f"train.time_limit_minutes: must be >= 0 (0 means no limit), got {tr.time_limit_minutes}")
     _positive("data", cfg.data, "batch_size", "std")
+    if cfg.data.image_cache_mb < 0:
+        raise ConfigError(f"data.image_cache_mb: must be >= 0 (0 turns the cache off), got {cfg.data.image_cache_mb}")
     if not 0 <= tr.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio: must be within [0, 1], got {tr.min_lr_ratio}")
     _positive("eval", cfg.eval, "prompt_tuning_steps", "prompt_tuning_lr")

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medvlp.data.sample import MISSING, Batch, Sample
-from medvlp.data.transforms import Preprocess, augment, load_image, normalize, to_tensor
+from medvlp.data.transforms import IMAGE_CACHE, Preprocess, augment, normalize
 from medvlp.errors import DataError
 
 
@@ -49,7 +49,7 @@ class ImageTextDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         sample = self.samples[index]
         try:
-            x = to_tensor(load_image(sample.image), self.pre)
+            x = IMAGE_CACHE.get(sample.image, self.pre)
         except DataError as exc:
             return index, None, str(exc)
         if self.augment:
@@ -127,6 +127,7 @@ def make_loader(samples: Sequence[Sample], cfg, tokenizer, classes: Sequence[str
                 batch_size: int | None = None) -> DataLoader:
     """A plain in-order loader (evaluation); no augmentation, no dropped samples."""
     check_images_exist(samples)
+    IMAGE_CACHE.configure(cfg.data.image_cache_mb)
     pre = Preprocess.from_config(cfg)
     ds = ImageTextDataset(samples, pre, train=train, augment=cfg.data.augment, seed=cfg.train.seed)
     collate = Collator(samples, tokenizer, classes, max_length=cfg.model.text.max_length, sections=cfg.data.sections)

@@ -78,6 +78,41 @@ def to_tensor(arr: np.ndarray, pre: Preprocess) -> torch.Tensor:
     return x[0].clamp_(0.0, 1.0)
 
 
+class ImageCache:
+    """Prepared images (the output of :func:`to_tensor`) kept in memory, up to a byte budget.
+
+    Decoding a PNG/DICOM and padding/resizing it costs about as much as the rest of the input
+    pipeline together; a dataset that fits in RAM is read from disk once per process instead of
+    once per epoch. Entries are exact (float32, after resizing), so results do not depend on
+    the cache. When full, the cache stops adding (no eviction churn: a dataset larger than the
+    budget keeps its first part cached). Entries are shared: never modify a returned tensor in
+    place. Each data-loader worker process holds its own cache (use ``persistent_workers``)."""
+
+    def __init__(self, budget_mb: float = 0.0):
+        self.configure(budget_mb)
+
+    def configure(self, budget_mb: float) -> None:
+        budget = int(budget_mb * 2**20)
+        if budget != getattr(self, "budget", None):
+            self.budget, self.used, self.entries = budget, 0, {}
+
+    def get(self, path: str, pre: Preprocess) -> torch.Tensor:
+        if self.budget <= 0:
+            return to_tensor(load_image(path), pre)
+        key = (path, pre.image_size, pre.pad_to_square)
+        x = self.entries.get(key)
+        if x is None:
+            x = to_tensor(load_image(path), pre)
+            size = x.numel() * x.element_size()
+            if self.used + size <= self.budget:
+                self.entries[key] = x
+                self.used += size
+        return x
+
+
+IMAGE_CACHE = ImageCache()  # one per process; sized by data.image_cache_mb (train loop, loaders)
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, *, max_rotation: float = 5.0, scale: tuple[float, float] = (0.92, 1.08),
             max_shift: float = 0.05, contrast: float = 0.15, brightness: float = 0.08, gamma: float = 0.15) -> torch.Tensor:
     """Random mild affine + intensity jitter of a (1, S, S) image in [0, 1]."""

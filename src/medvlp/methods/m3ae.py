@@ -40,39 +40,51 @@ from medvlp.registry import METHODS
 
 
 @dataclass
-class M3aeConfig(MethodConfig):
-    name: str = "m3ae"
-    mask_ratio: float = 0.75
+class FusionConfig(MethodConfig):
+    """The keys of the co-attention fusion encoder and its MLM / ITM heads (M3AE, MPMA, Uni-Mlip)."""
+
     text_mask_prob: float = 0.15
     fusion_width: int = 0  # 0: the text encoder's width
     fusion_depth: int = 1  # M3AE: 6 (ViT-B); 1 keeps MPMA within 2x a CLIP step (docs)
     fusion_heads: int = 4
     fusion_mlp_ratio: float = 4.0
-    decoder_width: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    norm_pix: bool = True
     itm_weight: float = 1.0
 
     def validate(self, prefix: str) -> None:
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError(f"{prefix}.mask_ratio: must be within (0, 1), got {self.mask_ratio} (M3AE uses 0.75)")
         if not 0.0 < self.text_mask_prob <= 0.5:
             raise ConfigError(f"{prefix}.text_mask_prob: must be within (0, 0.5], got {self.text_mask_prob} "
                               "(BERT / M3AE use 0.15)")
         if self.fusion_width < 0 or (self.fusion_width and self.fusion_width % self.fusion_heads):
             raise ConfigError(f"{prefix}.fusion_width: must be 0 (= model.text.width) or a positive multiple of "
                               f"fusion_heads ({self.fusion_heads}), got {self.fusion_width}")
-        for key in ("fusion_depth", "fusion_heads", "decoder_depth", "decoder_heads"):
+        for key in ("fusion_depth", "fusion_heads"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}.{key}: must be >= 1, got {getattr(self, key)}")
         if self.fusion_mlp_ratio <= 0:
             raise ConfigError(f"{prefix}.fusion_mlp_ratio: must be > 0, got {self.fusion_mlp_ratio}")
+        if self.itm_weight < 0:
+            raise ConfigError(f"{prefix}.itm_weight: must be >= 0 (0 turns ITM off), got {self.itm_weight}")
+
+
+@dataclass
+class M3aeConfig(FusionConfig):
+    name: str = "m3ae"
+    mask_ratio: float = 0.75
+    decoder_width: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix: bool = True
+
+    def validate(self, prefix: str) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"{prefix}.mask_ratio: must be within (0, 1), got {self.mask_ratio} (M3AE uses 0.75)")
+        FusionConfig.validate(self, prefix)
+        for key in ("decoder_depth", "decoder_heads"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{prefix}.{key}: must be >= 1, got {getattr(self, key)}")
         if self.decoder_width % self.decoder_heads:
             raise ConfigError(f"{prefix}.decoder_width ({self.decoder_width}) must be divisible by decoder_heads "
                               f"({self.decoder_heads})")
-        if self.itm_weight < 0:
-            raise ConfigError(f"{prefix}.itm_weight: must be >= 0 (0 turns ITM off), got {self.itm_weight}")
 
 
 def itm_pairs(text_for_image: torch.Tensor, image_for_text: torch.Tensor
@@ -108,8 +120,66 @@ class MaskedViews:
     text_padding: torch.Tensor | None  # (B, L) True at padding
 
 
+class FusionHeads:
+    """Mixin for methods with a co-attention fusion encoder over the image and report token
+    sequences (M3AE, MPMA, Uni-Mlip): its input projections, the MLM head tied to the text input
+    embeddings, the ITM head, and the ITM loss with negatives drawn from a similarity matrix.
+    Needs ``self.vision`` and ``self.text`` built first."""
+
+    def build_fusion(self, m: FusionConfig, tokenizer, *, memory_slots: int = 0, mlm: bool = True) -> int:
+        """Build the fusion modules (the MLM head and [MASK] spec only when ``mlm``, the ITM head
+        only when ``m.itm_weight > 0``); returns the fusion width."""
+        from medvlp.models.fusion import FusionEncoder
+        from medvlp.models.heads import ItmHead, MlmHead, MlmSpec
+
+        width = m.fusion_width or self.text.width
+        if width % m.fusion_heads:
+            raise ConfigError(f"method.fusion_heads: the fusion width {width} (model.text.width when "
+                              f"method.fusion_width is 0) is not divisible by {m.fusion_heads}")
+        self.mlm_spec = MlmSpec.from_tokenizer(tokenizer) if mlm else None
+        self.image_to_fusion = nn.Linear(self.vision.width, width)
+        self.text_to_fusion = nn.Linear(self.text.width, width)
+        self.fusion = FusionEncoder(width, m.fusion_depth, m.fusion_heads, m.fusion_mlp_ratio, memory_slots=memory_slots)
+        self.mlm_head = MlmHead(width, self.text.get_input_embeddings()) if mlm else None
+        self.itm_head = ItmHead(2 * width) if m.itm_weight > 0 else None
+        return width
+
+    def vqa_features(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, 2W) fused features of (image, question) pairs for the VQA task: the fusion encoder's
+        image and question [CLS] states, concatenated (what the ITM head reads), computed from the
+        whole image (no masking) and the unmasked question."""
+        vis, txt = self.vision(images), self.text(input_ids, attention_mask)
+        image_seq = self.image_to_fusion(torch.cat([vis.pooled[:, None], vis.tokens], dim=1))
+        fused_img, fused_txt = self.fusion(image_seq, self.text_to_fusion(txt.tokens), txt.padding_mask,
+                                           first_token_only=True)
+        return torch.cat([fused_img[:, 0], fused_txt[:, 0]], dim=-1)
+
+    def itm_pairs_for(self, batch, sim: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`itm_pairs` for this batch: one negative per image and per report drawn by
+        ``softmax(sim)`` (uniform when None) among the true negatives; identical reports are
+        never negatives of each other."""
+        b, device = len(batch), batch.images.device
+        same = not_negative_mask(b, text_hashes(batch.texts, device), device=device)
+        if sim is None:  # no similarity to rank by: uniform among the true negatives
+            sim = torch.zeros(b, b, device=device)
+        return itm_pairs(*sample_hard_negatives(sim.detach(), same))
+
+    def _itm_loss(self, batch, views: MaskedViews, fused_img: torch.Tensor, fused_txt: torch.Tensor,
+                  sim: torch.Tensor | None) -> torch.Tensor:
+        image_index, text_index, target = self.itm_pairs_for(batch, sim)
+        b = len(batch)
+        reps = [torch.cat([fused_img[:, 0], fused_txt[:, 0]], dim=-1)]  # the positives: the main pass
+        neg_img, neg_txt = image_index[b:], text_index[b:]
+        if neg_img.numel():  # the negatives: one more fusion pass ([CLS] rows only), no extra encoder pass
+            padding = None if views.text_padding is None else views.text_padding[neg_txt]
+            ni, nt = self.fusion(views.image_seq[neg_img], views.text_seq[neg_txt], padding, first_token_only=True)
+            reps.append(torch.cat([ni[:, 0], nt[:, 0]], dim=-1))
+        logits = self.itm_head(torch.cat(reps)).float()
+        return F.cross_entropy(logits, target)
+
+
 @METHODS.register("m3ae", M3aeConfig, "M3AE: masked image + masked language modeling via co-attention fusion, + ITM")
-class M3ae(Method):
+class M3ae(FusionHeads, Method):
     # no shared image-text space: evaluation runs the linear probe only
     supports_text = False
     # it still needs a real tokenizer trained on the reports (MLM predicts its words)
@@ -119,25 +189,13 @@ class M3ae(Method):
     def __init__(self, cfg, tokenizer, *, load_text_weights: bool = True):
         super().__init__()
         from medvlp.models.decoder import MaskedTokenDecoder
-        from medvlp.models.fusion import FusionEncoder
-        from medvlp.models.heads import ItmHead, MlmHead, MlmSpec
 
         self.cfg = m = cfg.method
-        self.mlm_spec = MlmSpec.from_tokenizer(tokenizer)
         self.vision, self.text = build_towers(cfg, tokenizer, load_text_weights=load_text_weights)
-        width = m.fusion_width or self.text.width
-        if width % m.fusion_heads:
-            raise ConfigError(f"method.fusion_heads: the fusion width {width} (model.text.width when "
-                              f"method.fusion_width is 0) is not divisible by {m.fusion_heads}")
-        self.image_to_fusion = nn.Linear(self.vision.width, width)
-        self.text_to_fusion = nn.Linear(self.text.width, width)
-        self.fusion = FusionEncoder(width, m.fusion_depth, m.fusion_heads, m.fusion_mlp_ratio,
-                                    memory_slots=self._fusion_memory_slots())
+        width = self.build_fusion(m, tokenizer, memory_slots=self._fusion_memory_slots())
         patch_dim = cfg.model.vision.patch_size ** 2 * cfg.model.vision.in_chans
         self.decoder = MaskedTokenDecoder(width, patch_dim, self.vision.grid_size,
                                           width=m.decoder_width, depth=m.decoder_depth, heads=m.decoder_heads)
-        self.mlm_head = MlmHead(width, self.text.get_input_embeddings())
-        self.itm_head = ItmHead(2 * width) if m.itm_weight > 0 else None
 
     # ------------------------------------------------------------------ hooks (MPMA overrides)
     def _fusion_memory_slots(self) -> int:
@@ -195,28 +253,5 @@ class M3ae(Method):
         loss = sum(weight * term for weight, term in terms.values())
         return {"loss": loss, **{f"loss_{k}": term.detach() for k, (_, term) in terms.items()}, **metrics}
 
-    def itm_pairs_for(self, batch, sim: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:func:`itm_pairs` for this batch: one negative per image and per report drawn by
-        ``softmax(sim)`` (uniform when None) among the true negatives; identical reports are
-        never negatives of each other."""
-        b, device = len(batch), batch.images.device
-        same = not_negative_mask(b, text_hashes(batch.texts, device), device=device)
-        if sim is None:  # no similarity to rank by: uniform among the true negatives
-            sim = torch.zeros(b, b, device=device)
-        return itm_pairs(*sample_hard_negatives(sim.detach(), same))
 
-    def _itm_loss(self, batch, views: MaskedViews, fused_img: torch.Tensor, fused_txt: torch.Tensor,
-                  sim: torch.Tensor | None) -> torch.Tensor:
-        image_index, text_index, target = self.itm_pairs_for(batch, sim)
-        b = len(batch)
-        reps = [torch.cat([fused_img[:, 0], fused_txt[:, 0]], dim=-1)]  # the positives: the main pass
-        neg_img, neg_txt = image_index[b:], text_index[b:]
-        if neg_img.numel():  # the negatives: one more fusion pass ([CLS] rows only), no extra encoder pass
-            padding = None if views.text_padding is None else views.text_padding[neg_txt]
-            ni, nt = self.fusion(views.image_seq[neg_img], views.text_seq[neg_txt], padding, first_token_only=True)
-            reps.append(torch.cat([ni[:, 0], nt[:, 0]], dim=-1))
-        logits = self.itm_head(torch.cat(reps)).float()
-        return F.cross_entropy(logits, target)
-
-
-__all__ = ["M3ae", "M3aeConfig", "MaskedViews", "itm_pairs"]
+__all__ = ["FusionConfig", "FusionHeads", "M3ae", "M3aeConfig", "MaskedViews", "itm_pairs"]

@@ -10,6 +10,8 @@ Two views of a radiograph must differ in what does not change a reading and keep
 Images arrive normalised as the loader makes them (``(x - mean) / std``); intensity changes are
 applied on the [0, 1] scale and the result is normalised again. Vectorised (one
 ``affine_grid`` / ``grid_sample`` per batch); every draw comes from ``generator``.
+
+:func:`feature_noise` is the feature-level counterpart (Gaussian noise on embeddings).
 """
 from __future__ import annotations
 
@@ -61,3 +63,12 @@ def random_view(images: torch.Tensor, cfg: ViewConfig = ViewConfig(), generator:
     if cfg.noise_std > 0:
         x = x + cfg.noise_std * torch.randn(x.shape, generator=generator).to(dev)
     return ((x - cfg.mean) / cfg.std).to(images.dtype)
+
+
+def feature_noise(features: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Feature-level perturbation (Uni-Mlip): ``features`` (..., D) plus Gaussian noise whose
+    standard deviation is ``std`` times each row's own (detached) feature std, so ``std`` means
+    the same at any width or feature scale. Differentiable in ``features``."""
+    scale = features.detach().float().std(dim=-1, keepdim=True)
+    noise = torch.randn(features.shape, generator=generator).to(features.device)
+    return features + (std * scale * noise).to(features.dtype)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from medvlp.config import to_dict
 from medvlp.data.manifest import read_info
 from medvlp.data.mixed import MixedStream, read_sources
-from medvlp.data.transforms import Preprocess
+from medvlp.data.transforms import IMAGE_CACHE, Preprocess
 from medvlp.distributed import init_distributed, is_main_process
 from medvlp.errors import ConfigError, DataError
 from medvlp.hub import build_method
@@ -135,6 +135,7 @@ def pretrain(cfg, *, resume: bool = False, device: str | None = None) -> Path:
         model = torch.nn.parallel.DistributedDataParallel(method, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     pre = Preprocess.from_config(cfg)
+    IMAGE_CACHE.configure(cfg.data.image_cache_mb)
     stream = MixedStream(sources, pre, tokenizer, classes, batch_size=cfg.data.batch_size,
                          max_length=cfg.model.text.max_length, sections=cfg.data.sections, seed=cfg.train.seed,
                          augment=cfg.data.augment, paired_labels=cfg.data.paired_labels,

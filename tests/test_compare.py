@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from medvlp import bench
 from medvlp.bench import aggregate, dataset_version, stats
 from medvlp.errors import ConfigError
 from tests.conftest import TINY
@@ -76,11 +77,12 @@ def test_grid_writes_runs_and_aggregate(grid, tiny_dataset):
     saved = json.loads((out / "results" / "tiny.json").read_text())
     assert saved["benchmark"] == clip["benchmark"] and saved["machine"]["torch"] and saved["date"]
     assert list(saved["recipes"]) == ["clip", "supervised"]
+    assert saved["recipes"]["clip"]["machines"] == [bench.machine_label(clip["machine"])]
     assert saved["recipes"]["clip"]["metrics"]["steps"] == {"mean": 3.0, "sd": 0.0, "n": 2}
     seeds_auc = [json.loads(results[f"clip-seed{k}"].read_text())["metrics"]["zeroshot_auroc"] for k in (0, 1)]
     assert saved["recipes"]["clip"]["metrics"]["zeroshot_auroc"] == stats(seeds_auc)
     md = (out / "results" / "tiny.md").read_text()
-    assert "python benchmarks/compare.py --name tiny" in md and "| supervised | 2 | train |" in md and " ± " in md
+    assert "python benchmarks/compare.py --name tiny" in md and "| supervised | 2 | train | CPU, " in md and " ± " in md
 
 
 def test_rerun_skips_finished_and_resumes_interrupted(grid, tiny_dataset):
@@ -161,3 +163,18 @@ def test_saved_configs_from_before_a_new_key_still_match(tiny_cfg):
     gone = copy.deepcopy(saved)
     gone["method"]["no_such_key"] = 1  # a key that no longer exists: not the same run
     assert not compare._same_config(gone, cfg) and not compare._same_config(None, cfg)
+
+
+def test_machine_label_names_the_gpu_or_the_cpu_cores():
+    assert bench.machine_label({"gpu": "NVIDIA H200", "cores": 16}) == "NVIDIA H200"
+    assert bench.machine_label({"gpu": None, "cores": 2}) == "CPU, 2 cores"
+    assert bench.machine_label(None) == "?"
+
+
+def test_vqa_parts_and_map_50_95_are_extracted():
+    evaluation = {"vqa": {"model": {k: {"mean": v} for k, v in (("closed", 0.8), ("open", 0.6), ("overall", 0.7))},
+                          "question_only": {"overall": {"mean": 0.5}}, "image_shuffled": {"overall": {"mean": 0.4}}},
+                  "detection": {"fractions": {"1": {"map_50": 0.3, "map_50_95": 0.1}}}}
+    m = bench.extract_metrics(evaluation)
+    assert (m["vqa_closed"], m["vqa_open"], m["vqa_overall"], m["vqa_question_only"]) == (0.8, 0.6, 0.7, 0.5)
+    assert (m["det_map50@1"], m["det_map50_95@1"]) == (0.3, 0.1)

@@ -144,10 +144,12 @@ COLUMNS = [
     ("head_auroc", "head AUROC"),
     ("prompt_tuning_auroc@0.01", "prompt tuning AUROC 1 %"),
     ("pointing_game", "pointing game"), ("iou_top10", "top-10 % IoU"),
+    ("vqa_closed", "VQA acc closed"), ("vqa_open", "VQA acc open"),
     ("vqa_overall", "VQA acc"), ("vqa_question_only", "VQA acc, question only"),
     ("vqa_image_shuffled", "VQA acc, images shuffled"),
-    ("finetune_auroc@0.01", "fine-tune AUROC 1 %"), ("seg_dice@0.01", "seg Dice 1 %"),
+    ("finetune_auroc@0.01", "fine-tune AUROC 1 %"), ("seg_dice@0.01", "seg Dice 1 %"), ("seg_dice@1", "seg Dice 100 %"),
     ("det_map50@0.01", "det mAP@0.5 1 %"), ("det_map50@1", "det mAP@0.5 100 %"),
+    ("det_map50_95@1", "det mAP@0.5:0.95 100 %"),
     ("steps", "steps"), ("samples_seen", "samples seen"), ("flops_total", "FLOPs"), ("train_minutes", "train min"),
 ]
 
@@ -173,12 +175,16 @@ def extract_metrics(evaluation: dict) -> dict:
                       ("image_shuffled", "vqa_image_shuffled")):
         if part in vqa:
             out[key] = vqa[part]["overall"]["mean"]
+    for kind in ("closed", "open"):
+        if kind in (vqa.get("model") or {}):
+            out[f"vqa_{kind}"] = vqa["model"][kind]["mean"]
     for key, entry in ((evaluation.get("finetune") or {}).get("fractions") or {}).items():
         out[f"finetune_auroc@{key}"] = entry.get("mean")
     for key, entry in ((evaluation.get("segmentation") or {}).get("fractions") or {}).items():
         out[f"seg_dice@{key}"] = entry.get("dice")
     for key, entry in ((evaluation.get("detection") or {}).get("fractions") or {}).items():
         out[f"det_map50@{key}"] = entry.get("map_50")
+        out[f"det_map50_95@{key}"] = entry.get("map_50_95")
     loc = evaluation.get("localization") or {}
     if loc.get("pointing_game"):
         out["pointing_game"] = loc["pointing_game"].get("mean")
@@ -200,9 +206,17 @@ def aggregate(results: Sequence[dict], recipes: Sequence[str] | None = None) -> 
             "seeds": [r["seed"] for r in runs],
             "capped_seeds": [r["seed"] for r in runs if r.get("capped")],
             "train": runs[0]["train"],
+            "machines": sorted({machine_label(r.get("machine")) for r in runs}),
             "metrics": {k: stats(r["metrics"].get(k) for r in runs) for k in keys},
         }
     return {"benchmark": version, "recipes": table}
+
+
+def machine_label(machine: dict | None) -> str:
+    """Short name of the machine a run trained and was evaluated on: its GPU, else its CPU cores."""
+    if not machine:
+        return "?"
+    return machine.get("gpu") or f"CPU, {machine.get('cores', '?')} cores"
 
 
 def _cell(s: dict | None, key: str) -> str:
@@ -227,7 +241,7 @@ def render_markdown(data: dict) -> str:
         f"# Comparison: {data['name']}",
         "",
         f"Command: `{data['command']}`  ",
-        (f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}, torch {m['torch']}, "
+        (f"Aggregated on: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}, torch {m['torch']}, "
          f"commit {(m.get('git_commit') or '?')[:10]}{' (dirty)' if m.get('git_dirty') else ''}  "),
         f"Date: {data['date']}  ",
         f"Data: {b['data'].get('dataset')} generator v{b['data'].get('generator_version')}"
@@ -237,14 +251,15 @@ def render_markdown(data: dict) -> str:
         (f"Budget: {data['budget']['steps']} steps x batch {data['budget']['batch_size']} per recipe, "
          f"wall-time cap {data['budget']['max_minutes']:g} min per run"),
         "",
-        "| recipe | n | trained on | " + " | ".join(t for _, t in keys) + " |",
-        "|---|---:|---|" + "---:|" * len(keys),
+        "| recipe | n | trained on | ran on | " + " | ".join(t for _, t in keys) + " |",
+        "|---|---:|---|---|" + "---:|" * len(keys),
     ]
     for name, r in recipes.items():
         n = len(r["seeds"])
         capped = f" ({len(r['capped_seeds'])} capped)" if r["capped_seeds"] else ""
         cells = [_cell(r["metrics"].get(k), k) for k, _ in keys]
-        lines.append(f"| {name}{capped} | {n} | {r['train']['data']} | " + " | ".join(cells) + " |")
+        ran_on = ", ".join(r.get("machines") or ["?"])
+        lines.append(f"| {name}{capped} | {n} | {r['train']['data']} | {ran_on} | " + " | ".join(cells) + " |")
     lines += [
         "",
         ("Mean ± sd over seeds (n = seeds). AUROC masks uncertain and missing labels; probe cells are each the mean "

@@ -292,6 +292,8 @@ def run(argv: list[str] | None = None) -> dict:
             done = run_cell(cell, benchmark, flops[cell.recipe], args)
         elif done is not None:
             print(f"[{cell.dir.name}] finished earlier, skipping")
+            # metrics added to the table since the run finished are read from its saved evaluation
+            done["metrics"] = {**done["metrics"], **extract_metrics(done["evaluation"])}
         if done is not None:
             results.append(done)
     if not results:

@@ -49,13 +49,17 @@ def _add_pretrain(sub) -> None:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="evaluate checkpoints: zero-shot, retrieval, linear probe",
+    p = sub.add_parser("evaluate", help="evaluate checkpoints side by side (one task, several, or --tasks all)",
                        epilog=EPILOG_OVERRIDES,
                        description="Evaluate one or more checkpoints (checkpoint or run folders) on a dataset's test split "
-                                   "and write metrics.json, report.md and roc.png.")
+                                   "and write metrics.json, report.md, roc.png and label-efficiency plots.")
     p.add_argument("checkpoints", nargs="+", help="checkpoint folders or run folders (latest checkpoint)")
     p.add_argument("--data", default=None, help="dataset folder or manifest (default: the one the first model trained on)")
-    p.add_argument("--tasks", default=None, help="comma-separated subset of zeroshot,retrieval,linear_probe,localization,prompt_tuning,vqa,finetune,segmentation,detection")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated subset of zeroshot,retrieval,linear_probe,localization,prompt_tuning,vqa,"
+                        "finetune,segmentation,detection, or 'all' (the whole suite; tasks that do not apply to a "
+                        "model are skipped and listed in the report)")
+    p.add_argument("--all-tasks", action="store_true", help="run the whole suite (same as --tasks all)")
     p.add_argument("--out", default=None, help="report folder (default: <first checkpoint>/eval)")
     p.add_argument("--random-init", action="store_true",
                    help="also evaluate the first model's encoders at random initialisation, as a baseline")
@@ -75,7 +79,33 @@ def _add_demo(sub) -> None:
 
 def _add_list(sub) -> None:
     p = sub.add_parser("list", help="list registered methods, encoders and datasets")
-    p.add_argument("what", nargs="?", choices=["methods", "encoders", "datasets", "all"], default="all")
+    p.add_argument("what", nargs="?", choices=["methods", "encoders", "datasets", "preparers", "all"], default="all")
+
+
+def _add_prepare(sub) -> None:
+    from medvlp.data.prepare import PREPARERS
+
+    p = sub.add_parser("prepare", help="prepare a real dataset once: resized images in tar shards + manifest",
+                       description="Read a downloaded dataset, resize every image once, write tar shards, manifest.jsonl, "
+                                   "dataset.json and quarantine.jsonl. Resumable: rerun the same command after an "
+                                   "interruption. See docs/data/prepare.md.")
+    p.add_argument("--list", action="store_true", help="list the available preparers and exit")
+    datasets = p.add_subparsers(dest="dataset", metavar="DATASET")
+    for name in PREPARERS:
+        cls = PREPARERS.get(name)
+        q = datasets.add_parser(name, help=cls.description, description=cls.description)
+        q.add_argument("--root", required=True, help="the downloaded dataset folder")
+        q.add_argument("--out", required=True, help="output folder (created; rerun into it to resume)")
+        q.add_argument("--image-size", type=int, default=512, help="longest image side after resizing (default 512)")
+        q.add_argument("--workers", type=int, default=0, help="parallel processes (default 0 = one per core)")
+        q.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+        q.add_argument("--bit-depth", choices=["auto", "8"], default="auto",
+                       help="auto: 16-bit PNG for >8-bit sources (DICOM), else 8-bit (default); 8: always 8-bit")
+        q.add_argument("--subject-key", default=None,
+                       help="secret key of the subject hash for DICOM without dataset ids "
+                            "(prefer the MEDVLP_SUBJECT_KEY environment variable: flags end up in shell history)")
+        q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        cls.add_arguments(q)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medvlp", description="Medical vision-language pre-training.")
     parser.add_argument("--version", action="version", version=f"medvlp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_pretrain, _add_evaluate, _add_demo, _add_list):
+    for add in (_add_synth, _add_pretrain, _add_evaluate, _add_demo, _add_list, _add_prepare):
         add(sub)
     return parser
 
@@ -119,6 +149,26 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def expand_tasks(tasks: str | None, all_tasks: bool = False) -> list[str] | None:
+    """``--tasks`` / ``--all-tasks`` -> the task list (None: keep the config's ``eval.tasks``).
+
+    ``all`` (alone or in the list) and ``--all-tasks`` expand to every task of
+    :data:`medvlp.eval.runner.TASKS`, in the runner's order.
+    """
+    from medvlp.errors import ConfigError
+    from medvlp.eval.runner import TASKS
+
+    names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if all_tasks or "all" in names:
+        return list(TASKS)
+    if not names:
+        return None
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"--tasks: unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)} or 'all'")
+    return list(dict.fromkeys(names))
+
+
 def cmd_evaluate(args) -> int:
     from medvlp.config import apply_overrides, build_config, to_dict
     from medvlp.eval.report import format_table
@@ -129,8 +179,9 @@ def cmd_evaluate(args) -> int:
     first = bundles[0]
     raw = to_dict(first.cfg)
     overrides = list(args.overrides)
-    if args.tasks:
-        overrides.append(f"eval.tasks=[{args.tasks}]")
+    tasks = expand_tasks(args.tasks, args.all_tasks)
+    if tasks:
+        overrides.append(f"eval.tasks=[{','.join(tasks)}]")
     cfg = build_config(apply_overrides(raw, overrides))
     data = args.data or cfg.data.manifest
     models = {}
@@ -161,9 +212,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from medvlp.data.prepare import PREPARERS
     from medvlp.registry import DATASETS, ENCODERS, METHODS
 
-    groups = {"methods": METHODS, "encoders": ENCODERS, "datasets": DATASETS}
+    groups = {"methods": METHODS, "encoders": ENCODERS, "datasets": DATASETS, "preparers": PREPARERS}
     for name, reg in groups.items():
         if args.what not in (name, "all"):
             continue
@@ -173,7 +225,32 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "demo": cmd_demo, "list": cmd_list}
+def cmd_prepare(args) -> int:
+    import os
+
+    from medvlp.data.prepare import PREPARERS, prepare
+    from medvlp.errors import ConfigError
+
+    if args.list or not args.dataset:
+        if not args.list:
+            raise ConfigError("prepare: name a dataset, e.g. `medvlp prepare mimic-cxr --root RAW --out DIR`; "
+                              "available: " + ", ".join(PREPARERS))
+        for name, desc in PREPARERS.describe().items():
+            print(f"  {name:<14} {desc}")
+        return 0
+    cls = PREPARERS.get(args.dataset)
+    workers = args.workers if args.workers > 0 else (os.cpu_count() or 1)
+    result = prepare(cls(args.root, **cls.options_from_args(args)), None, args.out, image_size=args.image_size,
+                     workers=workers, shard_size=args.shard_size, key=args.subject_key,
+                     progress=not args.no_progress, bit_depth=args.bit_depth)
+    print(f"wrote {result.out}: {result.rows} images, {result.quarantined} quarantined "
+          f"({', '.join(f'{k} {v}' for k, v in sorted(result.quarantine_reasons.items())) or 'none'}); "
+          f"{result.processed} read in {result.seconds:.1f} s ({result.images_per_second:.1f} images/s), "
+          f"{result.resumed_chunks} chunk(s) resumed")
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "synth": cmd_synth, "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "demo": cmd_demo, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,22 +1,29 @@
-"""Evaluation report: ``metrics.json``, ``report.md`` and ``roc.png``.
+"""Evaluation report: ``metrics.json``, ``report.md``, ``roc.png`` and label-efficiency plots.
 
 ``results`` maps a model name to its metrics, as returned by
 :func:`medvlp.eval.runner.evaluate_models`: ``{"zeroshot": ..., "retrieval": ...,
 "linear_probe": ...}`` (any subset). ``report.md`` is one markdown table with a column
 per model; ``roc.png`` draws the zero-shot ROC curves, one subplot per class and one
-line per model (only written when zero-shot results are present).
+line per model (only written when zero-shot results are present);
+``label_efficiency_<task>.png`` (:func:`medvlp.eval.plots.plot_label_efficiency`) draws
+each label-fraction task's headline metric against the fraction, embedded in
+``report.md`` under "Label efficiency".
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
+from medvlp.eval.plots import FRACTION_TASKS, plot_label_efficiency
+
 NA = "n/a"
+SKIPPED = "skipped"  # a task that did not apply to the model (reason in the notes)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -43,6 +50,13 @@ def _num(value: Any) -> str:
     return f"{value:.3f}"
 
 
+def _num_sd(entry: Mapping[str, Any], key: str, sd_key: str = "sd") -> str:
+    """``mean ± sd`` of one fraction entry (``n/a`` when the mean is undefined)."""
+    value = _num(entry.get(key))
+    sd = entry.get(sd_key)
+    return value if value == NA or sd is None else f"{value} ± {sd:.3f}"
+
+
 def _rows(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str]]]:
     """(row label, one cell per model) for every metric any model has."""
     models = list(results)
@@ -53,9 +67,13 @@ def _rows(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str]
         for name in models:
             try:
                 cells.append(getter(results[name]))
-            except (KeyError, TypeError):
+            except KeyError as exc:
+                # the missing key is the task itself when the runner skipped it for this model
+                skipped = (results[name].get("meta") or {}).get("skipped_tasks") or {}
+                cells.append(SKIPPED if exc.args and exc.args[0] in skipped else "")
+            except TypeError:
                 cells.append("")
-        if any(cells):
+        if any(c and c != SKIPPED for c in cells):
             rows.append((label, cells))
 
     classes: list[str] = []
@@ -96,20 +114,21 @@ def _rows(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str]
         tuned += [k for k in (metrics.get("prompt_tuning") or {}).get("fractions", {}) if k not in tuned]
     for key in sorted(tuned, key=float):
         add(f"prompt tuning AUROC @{float(key) * 100:g}%",
-            lambda m, key=key: _num(m["prompt_tuning"]["fractions"][key]["mean"]))
+            lambda m, key=key: _num_sd(m["prompt_tuning"]["fractions"][key], "mean"))
     for kind in ("overall", "closed", "open"):
         add(f"VQA {kind} accuracy (question-only / image-shuffled)",
             lambda m, k=kind: f"{_num(m['vqa']['model'][k]['mean'])} ({_num(m['vqa']['question_only'][k]['mean'])} / "
             f"{_num(m['vqa']['image_shuffled'][k]['mean'])})")
-    for task, title, key in (("finetune", "fine-tuning AUROC", "mean"), ("segmentation", "segmentation Dice", "dice"),
-                             ("detection", "detection mAP@0.5", "map_50"), ("detection", "detection mAP@[.5:.95]",
-                                                                            "map_50_95")):
+    for task, title, key, sd_key in (("finetune", "fine-tuning AUROC", "mean", "sd"),
+                                     ("segmentation", "segmentation Dice", "dice", "sd"),
+                                     ("detection", "detection mAP@0.5", "map_50", "sd"),
+                                     ("detection", "detection mAP@[.5:.95]", "map_50_95", "map_50_95_sd")):
         keys: list[str] = []
         for metrics in results.values():
             keys += [k for k in (metrics.get(task) or {}).get("fractions", {}) if k not in keys]
         for fk in sorted(keys, key=float):
             add(f"{title} @{float(fk) * 100:g}%",
-                lambda m, t=task, fk=fk, key=key: _num(m[t]["fractions"][fk][key]))
+                lambda m, t=task, fk=fk, key=key, sd_key=sd_key: _num_sd(m[t]["fractions"][fk], key, sd_key))
     add("localisation: pointing game (chance)", lambda m: f"{_num(m['localization']['pointing_game']['mean'])} "
         f"({_num(m['localization']['chance']['pointing_game']['mean'])})")
     add("localisation: top-k IoU (chance)", lambda m: f"{_num(m['localization']['iou_topk']['mean'])} "
@@ -188,27 +207,36 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path) -> dict[str, Path]:
-    """Write metrics.json, report.md and (with zero-shot results) roc.png into ``out_dir``.
+    """Write metrics.json, report.md, (with zero-shot results) roc.png and the label-efficiency plots into ``out_dir``.
 
-    Returns ``{"metrics": path, "report": path, "roc": path}`` (``"roc"`` only when drawn).
-    """
+    Returns ``{"metrics": path, "report": path, "roc": path}`` (``"roc"`` only when drawn); the
+    label-efficiency plots are ``out_dir/label_efficiency_<task>.png``, one per task of
+    :data:`medvlp.eval.plots.FRACTION_TASKS` with results (see :func:`plot_label_efficiency`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     paths["metrics"] = out_dir / "metrics.json"
     _atomic_write(paths["metrics"], json.dumps(_jsonable(results), indent=2) + "\n")
     roc = plot_roc(results, out_dir / "roc.png")
+    for stale in out_dir.glob("label_efficiency_*.png"):  # a previous report's plots would mislead
+        stale.unlink()
+    curves = plot_label_efficiency(results, out_dir)
     parts = ["# medvlp evaluation report", "", format_table(results), ""]
     notes = _notes(results)
     if notes:
         parts += ["## Notes", "", *notes, ""]
     parts += [
-        "AUROC masks uncertain and missing labels; linear probe cells are mean ± sd over seeds.",
+        "AUROC masks uncertain and missing labels; cells per label fraction are mean ± sd over seeds.",
         "Full numbers are in `metrics.json`.",
     ]
     if roc is not None:
         parts += ["", "![zero-shot ROC curves](roc.png)"]
         paths["roc"] = roc
+    if curves:
+        parts += ["", "## Label efficiency", ""]
+        for path in curves:
+            spec = FRACTION_TASKS[path.stem.removeprefix("label_efficiency_")]
+            parts += [f"![{spec.title}: {spec.metric} vs label fraction]({path.name})", ""]
     paths["report"] = out_dir / "report.md"
     _atomic_write(paths["report"], "\n".join(parts) + "\n")
     return paths

@@ -21,6 +21,7 @@ task (:mod:`medvlp.eval.prompt_tuning`; other models list it as skipped).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
@@ -312,6 +313,7 @@ def _evaluate_one(name: str, model: nn.Module, tokenizer, cfg, classes: list[str
         out["retrieval"] = evaluate_retrieval(emb.image_emb[keep], emb.text_emb[keep],
                                               [emb.texts[i] for i in keep.tolist()], emb.labels[keep])
     if "localization" in tasks:
+        t0 = time.perf_counter()
         try:
             out["localization"] = evaluate_localization(model, tokenizer, test, cfg, classes,
                                                         make_text_encoder(model, tokenizer, cfg, device),
@@ -319,10 +321,11 @@ def _evaluate_one(name: str, model: nn.Module, tokenizer, cfg, classes: list[str
         except LocalizationSkipped as exc:
             log.warning("%s: localization skipped: %s", name, exc)
             out["meta"].setdefault("skipped_tasks", {})["localization"] = str(exc)
+        out["meta"].setdefault("seconds", {})["localization"] = round(time.perf_counter() - t0, 2)
     tuning = "prompt_tuning" in tasks and supports_prompt_tuning(model)
     if "prompt_tuning" in tasks and not tuning:
         out["meta"].setdefault("skipped_tasks", {})["prompt_tuning"] = "the model has no learned prompts"
-    train = None
+    train, t0 = None, time.perf_counter()
     if probe or tuning:
         train = embed_split(model, tokenizer, pool, cfg, classes, device=device, images=tuning, features=probe,
                             progress=progress, desc=f"{name}: {cfg.eval.probe_train_split}")
@@ -333,13 +336,16 @@ def _evaluate_one(name: str, model: nn.Module, tokenizer, cfg, classes: list[str
         )
         out["linear_probe"]["features"] = "image_features" if hasattr(model, "image_features") else "encode_image"
         out["linear_probe"]["train_split"] = cfg.eval.probe_train_split
+        out["meta"].setdefault("seconds", {})["linear_probe"] = round(time.perf_counter() - t0, 2)  # with the train pass
     if tuning:
+        t0 = time.perf_counter()
         out["prompt_tuning"] = evaluate_prompt_tuning(
             model, train.image_emb, train.labels, train.ids, emb.image_emb, emb.labels, classes, cfg.eval.fractions,
             cfg.eval.min_positives, cfg.eval.probe_seeds, out_dir, steps=cfg.eval.prompt_tuning_steps,
             lr=cfg.eval.prompt_tuning_lr, logit_scale=scale,
         )
         out["prompt_tuning"]["train_split"] = cfg.eval.probe_train_split
+        out["meta"].setdefault("seconds", {})["prompt_tuning"] = round(time.perf_counter() - t0, 2)
     _downstream(name, model, tokenizer, cfg, classes, tasks, test, pool, out, device=device, dataset=dataset)
     return out
 
@@ -370,11 +376,13 @@ def _downstream(name: str, model: nn.Module, tokenizer, cfg, classes: list[str],
     for task, run in runs.items():
         if task not in tasks:
             continue
+        t0 = time.perf_counter()
         try:
             out[task] = run()
         except (DenseTaskSkipped, EvaluationError) as exc:
             log.warning("%s: %s skipped: %s", name, task, exc)
             out["meta"].setdefault("skipped_tasks", {})[task] = str(exc)
+        out["meta"].setdefault("seconds", {})[task] = round(time.perf_counter() - t0, 2)
 
 
 @torch.no_grad()

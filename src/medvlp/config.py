@@ -115,6 +115,10 @@ class DataConfig:
     num_workers: int = 0
     # decoded, resized images kept in RAM per process (MiB; 0 = off): read each file once, not once per epoch
     image_cache_mb: float = 0.0
+    # train from tar shards (a folder with shards.json, or a dataset folder with shards/): see
+    # medvlp.data.stream and docs/data/streaming.md; images are then streamed, never read from the PNG folder
+    shards: Optional[str] = None
+    shuffle_buffer: int = 1000  # samples per worker mixed by the shard stream's shuffle buffer
 
 
 @dataclass
@@ -352,7 +356,7 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
     _positive("train", tr, "steps", "lr", "accum_steps", "log_every")
     if tr.time_limit_minutes < 0:
         raise ConfigError(f"train.time_limit_minutes: must be >= 0 (0 means no limit), got {tr.time_limit_minutes}")
-    _positive("data", cfg.data, "batch_size", "std")
+    _positive("data", cfg.data, "batch_size", "std", "shuffle_buffer")
     if cfg.data.image_cache_mb < 0:
         raise ConfigError(f"data.image_cache_mb: must be >= 0 (0 turns the cache off), got {cfg.data.image_cache_mb}")
     if not 0 <= tr.min_lr_ratio <= 1:

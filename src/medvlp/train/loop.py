@@ -115,7 +115,12 @@ def pretrain(cfg, *, resume: bool = False, device: str | None = None) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    sources = read_sources(cfg)
+    if cfg.data.shards:  # images streamed from tar shards; the reports' metadata is read once here
+        from medvlp.data.stream import ShardStream, read_shard_sources
+
+        sources, stream_cls, extra = read_shard_sources(cfg), ShardStream, {"shuffle_buffer": cfg.data.shuffle_buffer}
+    else:
+        sources, stream_cls, extra = read_sources(cfg), MixedStream, {}
     classes = read_info(cfg.data.manifest).get("classes", [])
     paired = [s for src in sources if src.kind == "paired" for s in src.samples]
     tokenizer = prepare_tokenizer(cfg, paired, resume_from)
@@ -136,10 +141,10 @@ def pretrain(cfg, *, resume: bool = False, device: str | None = None) -> Path:
 
     pre = Preprocess.from_config(cfg)
     IMAGE_CACHE.configure(cfg.data.image_cache_mb)
-    stream = MixedStream(sources, pre, tokenizer, classes, batch_size=cfg.data.batch_size,
-                         max_length=cfg.model.text.max_length, sections=cfg.data.sections, seed=cfg.train.seed,
-                         augment=cfg.data.augment, paired_labels=cfg.data.paired_labels,
-                         num_workers=cfg.data.num_workers, rank=rank, world=world, position=position)
+    stream = stream_cls(sources, pre, tokenizer, classes, batch_size=cfg.data.batch_size,
+                        max_length=cfg.model.text.max_length, sections=cfg.data.sections, seed=cfg.train.seed,
+                        augment=cfg.data.augment, paired_labels=cfg.data.paired_labels,
+                        num_workers=cfg.data.num_workers, rank=rank, world=world, position=position, **extra)
     amp_dtype = resolve_precision(cfg.train.precision, dev)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     logger = RunLogger(run_dir, enabled=is_main_process(), tensorboard=cfg.train.tensorboard)

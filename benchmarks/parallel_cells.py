@@ -20,7 +20,9 @@ The plan is a JSON file: a list of grids, each with the arguments ``compare.py``
       "tasks": "zeroshot,retrieval", "set": ["train.progress=false"], "recipe_set": [],
       "out": "benchmark-runs/synthcxr-standard-v1-gpu", "max_minutes": 240}]
 
-Cells start in plan order (put what matters most first); ``--only`` picks recipes.
+Cells start in plan order (put what matters most first); ``--only`` picks recipes;
+``"recipe_seeds": {"clip": [1, 2]}`` in a grid runs other seeds for one recipe (e.g. only the
+cells still missing on a fresh machine).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def cell_commands(plan: list[dict], scratch: Path, device: str | None, only: set
         for recipe in grid["recipes"]:
             if only and recipe not in only:
                 continue
-            for seed in grid["seeds"]:
+            for seed in grid.get("recipe_seeds", {}).get(recipe, grid["seeds"]):
                 tag = f"{grid['name']}/{recipe}-seed{seed}"
                 cmd = [sys.executable, str(HERE / "compare.py"), "--name", grid["name"], "--dataset", grid["dataset"],
                        "--recipes", recipe, "--seeds", str(seed), "--steps", str(grid["steps"]),

@@ -11,7 +11,7 @@ import importlib
 
 from medvlp.registry import Registry
 
-MODULES = ("folder", "mimic", "chexpert")
+MODULES = ("folder", "mimic", "chexpert", "iu_xray", "roco", "retina", "vqa_rad", "slake", "rsna", "siim")
 
 
 def _load() -> None:

@@ -50,7 +50,10 @@ class RawRecord:
     (relative path read in the worker), or ``sections`` already split; all None -> an
     image-only record. ``labels``: class -> code; None with a report -> the project's
     labeller. ``problem``: (reason, detail) found while enumerating (e.g. a label value
-    outside the allowed codes): the record goes to the quarantine list unread.
+    outside the allowed codes): the record goes to the quarantine list unread. ``mask``: a
+    picklable callable ``(height, width) -> uint16`` class-bit mask, rendered in the worker at
+    the original size and resized with the image (:mod:`medvlp.data.prepare.targets`; boxes in
+    ``meta["findings"]`` are given in original pixels and rescaled there too).
     """
 
     id: str
@@ -65,6 +68,7 @@ class RawRecord:
     labels: dict[str, int] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     problem: tuple[str, str] | None = None
+    mask: Any = None
 
     @property
     def needs_subject_key(self) -> bool:

@@ -4,7 +4,8 @@
 
 * ``shards/<source>-<split>-<chunk>.tar``: webdataset-style members ``<key>.png`` (the image,
   resized once so its longest side is ``image_size``; 8-bit PNG, 16-bit for >8-bit sources
-  with ``bit_depth="auto"``) and ``<key>.json`` (the manifest row), plus ``shards/shards.json``
+  with ``bit_depth="auto"``), ``<key>.json`` (the manifest row) and, for records with a mask,
+  ``<key>.mask.png`` (:mod:`~medvlp.data.prepare.targets`), plus ``shards/shards.json``
   (file, split, rows, SHA-256 per shard: the same index as :mod:`medvlp.data.shards`);
 * ``manifest.jsonl`` (one row per kept image; ``image`` is null, ``meta.shard`` / ``meta.key``
   locate it) and ``dataset.json`` (classes, settings, split counts, checksums, quarantine counts);
@@ -42,6 +43,7 @@ from medvlp.data.prepare.base import (
     resolve_subject_key,
     split_by_subject,
 )
+from medvlp.data.prepare.targets import apply_targets, resized_hw
 from medvlp.errors import ConfigError, DataError
 
 log = logging.getLogger("medvlp.prepare")
@@ -203,13 +205,17 @@ def _process_record(rec: RawRecord, job: _Job) -> dict:
         subject, study = _dicom_ids(path, job.secret, study)
     png, bits = _encode(arr, job.image_size, sixteen=job.bit_depth == "auto" and info.bits > 8)
     meta = dict(rec.meta, orig_size=list(arr.shape[:2]), bits=bits, format=info.format)
+    try:  # boxes follow the resize, masks are rendered and resized with it (prepare/targets.py)
+        members = apply_targets(rec, meta, arr.shape[:2], job.image_size, _key(rec.id))
+    except DataError as exc:
+        raise _Skip("bad_target", str(exc)) from None
     if info.tags:
         meta["dicom"] = info.tags  # allow-listed technical tags only (medvlp.data.images.TECHNICAL_TAGS)
     meta.update(extra)
     row = {"id": rec.id, "subject_id": subject, "study_id": study or subject,
            "split": rec.split or split_by_subject(subject), "view": rec.view or str(info.tags.get("ViewPosition", "")),
            "findings": findings, "impression": impression, "labels": labels or {}, "meta": meta}
-    return {"row": row, "png": png}
+    return {"row": row, "png": png, "members": members}
 
 
 def _report(rec: RawRecord, root: Path) -> tuple[str, str, dict | None, dict]:
@@ -273,8 +279,8 @@ def _encode(arr: np.ndarray, size: int, sixteen: bool) -> tuple[bytes, int]:
     img = Image.fromarray(arr)
     h, w = arr.shape[:2]
     if max(h, w) > size:
-        scale = size / max(h, w)
-        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+        nh, nw = resized_hw(h, w, size)
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, "PNG", compress_level=3)  # level 3: ~2x faster than 6 for a few % more bytes
     return buf.getvalue(), 16 if sixteen else 8
@@ -305,6 +311,8 @@ def _write_chunk(out: Path, prefix: str, n: int, results: list[dict], fingerprin
                 key = _key(row["id"])
                 row["meta"].update(shard=name, key=key)
                 _add(tar, f"{key}.png", res["png"])
+                for ext, data in res.get("members", {}).items():  # e.g. mask.png
+                    _add(tar, f"{key}.{ext}", data)
                 _add(tar, f"{key}.json", json.dumps(row, sort_keys=True).encode())
                 rows.append(row)
         os.replace(tmp, shard_dir / name)

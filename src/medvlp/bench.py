@@ -148,6 +148,7 @@ COLUMNS = [
     ("vqa_overall", "VQA acc"), ("vqa_question_only", "VQA acc, question only"),
     ("vqa_image_shuffled", "VQA acc, images shuffled"),
     ("finetune_auroc@0.01", "fine-tune AUROC 1 %"), ("seg_dice@0.01", "seg Dice 1 %"), ("seg_dice@1", "seg Dice 100 %"),
+    ("seg_dice_large@0.01", "seg Dice large 1 %"), ("seg_dice_large@1", "seg Dice large 100 %"),
     ("det_map50@0.01", "det mAP@0.5 1 %"), ("det_map50@1", "det mAP@0.5 100 %"),
     ("det_map50_95@1", "det mAP@0.5:0.95 100 %"),
     ("steps", "steps"), ("samples_seen", "samples seen"), ("flops_total", "FLOPs"), ("train_minutes", "train min"),
@@ -182,6 +183,8 @@ def extract_metrics(evaluation: dict) -> dict:
         out[f"finetune_auroc@{key}"] = entry.get("mean")
     for key, entry in ((evaluation.get("segmentation") or {}).get("fractions") or {}).items():
         out[f"seg_dice@{key}"] = entry.get("dice")
+        if "dice_large" in entry:  # the classes at least one patch large (protocol of 2026-11-26 on)
+            out[f"seg_dice_large@{key}"] = entry["dice_large"]
     for key, entry in ((evaluation.get("detection") or {}).get("fractions") or {}).items():
         out[f"det_map50@{key}"] = entry.get("map_50")
         out[f"det_map50_95@{key}"] = entry.get("map_50_95")

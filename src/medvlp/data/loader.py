@@ -12,13 +12,13 @@ because it nearly always means a wrong dataset root.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medvlp.data.sample import MISSING, Batch, Sample
+from medvlp.data.shard_access import check_readable, image_ref
 from medvlp.data.transforms import IMAGE_CACHE, Preprocess, augment, normalize
 from medvlp.errors import DataError
 
@@ -49,7 +49,7 @@ class ImageTextDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         sample = self.samples[index]
         try:
-            x = IMAGE_CACHE.get(sample.image, self.pre)
+            x = IMAGE_CACHE.get(image_ref(sample), self.pre)  # a file or a shard member
         except DataError as exc:
             return index, None, str(exc)
         if self.augment:
@@ -115,12 +115,8 @@ class Collator:
 
 
 def check_images_exist(samples: Sequence[Sample], limit: int = 5) -> None:
-    missing = [s.image for s in samples if not s.image or not os.path.isfile(s.image)]
-    if missing:
-        raise DataError(
-            f"{len(missing)} of {len(samples)} image files are missing, e.g. {', '.join(map(str, missing[:limit]))}. "
-            "Check data.manifest points at the folder that holds the images (paths are relative to the manifest)."
-        )
+    """Stop when an image file or shard member is missing (see :func:`medvlp.data.shard_access.check_readable`)."""
+    check_readable(samples, limit)
 
 
 def make_loader(samples: Sequence[Sample], cfg, tokenizer, classes: Sequence[str], *, train: bool = False,

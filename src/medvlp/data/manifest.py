@@ -1,5 +1,6 @@
 """Manifests: a dataset is a folder with ``manifest.jsonl`` (one :class:`Sample` per
-line, image paths relative to the folder) and ``dataset.json`` (name, version, class
+line, image paths relative to the folder; or ``image: null`` with ``meta.shard`` / ``meta.key``
+naming a tar shard member, see :mod:`medvlp.data.shard_access`) and ``dataset.json`` (name, version, class
 names, split counts, and the generator or preparation parameters).
 
 Real-data preparers and the synthetic generator write the same format, so training
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from medvlp.data.sample import LABEL_NAMES, Sample
+from medvlp.data.shard_access import resolve_shard
 from medvlp.errors import DataError
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -67,6 +69,9 @@ def read_manifest(path: str | os.PathLike, splits: Iterable[str] | None = None) 
                         + ", ".join(f"{k} ({v})" for k, v in LABEL_NAMES.items())
                     )
             image = row.get("image")
+            meta = dict(row.get("meta") or {})
+            if not image and meta.get("shard"):  # prepared data: pixels in shards/<meta.shard>, member <meta.key>.png
+                meta["shard_path"] = resolve_shard(root, str(meta["shard"]))
             samples.append(
                 Sample(
                     id=str(row["id"]),
@@ -78,7 +83,7 @@ def read_manifest(path: str | os.PathLike, splits: Iterable[str] | None = None) 
                     findings=row.get("findings", "") or "",
                     impression=row.get("impression", "") or "",
                     labels=dict(row.get("labels") or {}),
-                    meta=dict(row.get("meta") or {}),
+                    meta=meta,
                 )
             )
     if wanted is not None and not samples:
@@ -106,7 +111,7 @@ def write_manifest(folder: str | os.PathLike, samples: Iterable[Sample], info: d
                     "findings": s.findings,
                     "impression": s.impression,
                     "labels": s.labels,
-                    "meta": s.meta,
+                    "meta": {k: v for k, v in s.meta.items() if k != "shard_path"},  # machine-specific
                 },
                 sort_keys=True,
             )

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from medvlp.data.shard_access import ImageRef, load_ref
 from medvlp.errors import DataError
 
 
@@ -96,13 +97,14 @@ class ImageCache:
         if budget != getattr(self, "budget", None):
             self.budget, self.used, self.entries = budget, 0, {}
 
-    def get(self, path: str, pre: Preprocess) -> torch.Tensor:
+    def get(self, path: ImageRef, pre: Preprocess) -> torch.Tensor:
+        """``path``: an image file or a shard member (:func:`medvlp.data.shard_access.image_ref`)."""
         if self.budget <= 0:
-            return to_tensor(load_image(path), pre)
+            return to_tensor(load_ref(path), pre)
         key = (path, pre.image_size, pre.pad_to_square)
         x = self.entries.get(key)
         if x is None:
-            x = to_tensor(load_image(path), pre)
+            x = to_tensor(load_ref(path), pre)
             size = x.numel() * x.element_size()
             if self.used + size <= self.budget:
                 self.entries[key] = x

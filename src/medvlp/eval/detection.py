@@ -38,6 +38,7 @@ from PIL import Image
 from torch import nn
 
 from medvlp.data.sample import Sample
+from medvlp.data.shard_access import image_ref, open_image
 from medvlp.errors import DataError
 from medvlp.eval.dense_metrics import mean_average_precision
 from medvlp.eval.linear_probe import fraction_key
@@ -86,10 +87,10 @@ def sample_boxes(sample: Sample, classes: Sequence[str], pad_to_square: bool = T
     if not found:
         return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
     try:
-        with Image.open(sample.image) as im:
+        with Image.open(open_image(image_ref(sample))) as im:  # a file or a shard member
             width, height = im.size
     except (OSError, ValueError, TypeError) as exc:
-        raise DataError(f"detection: cannot read the size of image {sample.image} (sample {sample.id}): {exc}; "
+        raise DataError(f"detection: cannot read the size of image {image_ref(sample)} (sample {sample.id}): {exc}; "
                         "check the manifest's image paths") from None
     boxes = normalise_boxes(np.array([b for b, _ in found]), height, width, pad_to_square)
     return boxes, np.array([k for _, k in found], dtype=np.int64)

@@ -35,6 +35,7 @@ from PIL import Image
 
 from medvlp.data.manifest import resolve_manifest
 from medvlp.data.sample import POSITIVE, Sample
+from medvlp.data.shard_access import mask_source
 from medvlp.data.transforms import _pad_square
 from medvlp.eval.zeroshot import class_prompt_embeddings
 
@@ -94,8 +95,10 @@ def chance_iou(n: int, mask_sizes: torch.Tensor, top_fraction: float = TOP_FRACT
     return (log_p.exp() * j / (k + m - j)).sum(1)
 
 
-def _read_masks(path: Path, class_bits: Sequence[int]) -> np.ndarray:
-    """(K, H, W) bool from a SynthCXR mask PNG (bit b of the 16-bit value = class with bit b)."""
+def _read_masks(path, class_bits: Sequence[int]) -> np.ndarray:
+    """(K, H, W) bool from a SynthCXR mask PNG (bit b of the 16-bit value = class with bit b).
+
+    ``path``: a file path or a file-like object (:func:`medvlp.data.shard_access.mask_source`)."""
     bits = np.asarray(Image.open(path)).astype(np.int64)
     return ((bits[None] >> np.asarray(class_bits)[:, None, None]) & 1).astype(bool)
 
@@ -146,7 +149,7 @@ def evaluate_localization(model, tokenizer, samples: Sequence[Sample], cfg, clas
 
     by_id = {s.id: s for s in chosen}
     bits = [MASK_CLASSES.index(c) for c in scored]
-    inside = torch.stack([mask_to_patches(_read_masks(root / by_id[i].meta["mask"], bits), grid,
+    inside = torch.stack([mask_to_patches(_read_masks(mask_source(by_id[i], root), bits), grid,
                                           cfg.data.pad_to_square) for i in ids])  # (I, K, N)
     positive = torch.tensor([[by_id[i].labels.get(c) == POSITIVE for c in scored] for i in ids])
     keep = positive & inside.any(-1)  # (I, K): the (image, class) pairs scored

@@ -133,6 +133,14 @@ def find_file(root: Path, names: Sequence[str], what: str, fix: str) -> Path:
     raise ConfigError(f"{what}: none of {', '.join(names)} (or .gz) found under {root}. {fix}")
 
 
+def find_dir(root: Path, names: Sequence[str], what: str) -> str:
+    """The first of ``names`` that is a folder under root (its name); none stops with the names tried."""
+    found = next((d for d in names if (root / d).is_dir()), None)
+    if found is None:
+        raise ConfigError(f"--root {root}: no {' or '.join(names)} folder of {what}")
+    return found
+
+
 def read_csv(path: Path, required: Sequence[str] = ()) -> list[dict[str, str]]:
     """Rows of a CSV (``.csv`` or ``.csv.gz``) as dicts; a missing required column stops."""
     try:

@@ -28,10 +28,10 @@ from medvlp.data.prepare.base import (
     POSITIVE,
     Preparer,
     RawRecord,
+    find_dir,
     find_file,
     read_csv,
 )
-from medvlp.errors import ConfigError
 
 BOX_CLASS = "Consolidation"
 LABEL_FILES = ("stage_2_train_labels.csv", "stage_1_train_labels.csv")
@@ -73,9 +73,7 @@ class RsnaPneumoniaPreparer(Preparer):
         super().__init__(root)
         self.labels_csv = find_file(self.root, LABEL_FILES, "RSNA Pneumonia labels",
                                     "Point --root at the extracted Kaggle folder (docs/data/rsna-pneumonia.md).")
-        self.images = next((d for d in IMAGE_DIRS if (self.root / d).is_dir()), None)
-        if self.images is None:
-            raise ConfigError(f"--root {self.root}: no {' or '.join(IMAGE_DIRS)} folder of DICOMs")
+        self.images = find_dir(self.root, IMAGE_DIRS, "DICOMs")
         self.stats: Counter = Counter()
 
     def records(self):

@@ -32,10 +32,11 @@ from medvlp.data.prepare.base import (
     POSITIVE,
     Preparer,
     RawRecord,
+    find_dir,
     find_file,
     read_csv,
 )
-from medvlp.errors import ConfigError, DataError
+from medvlp.errors import DataError
 
 CLASS = "Pneumothorax"
 LABEL_FILES = ("train-rle.csv", "stage_2_train.csv")
@@ -115,9 +116,7 @@ class SiimAcrPreparer(Preparer):
         super().__init__(root)
         self.labels_csv = find_file(self.root, LABEL_FILES, "SIIM-ACR train-rle.csv",
                                     "Point --root at the extracted Kaggle folder (docs/data/siim-acr.md).")
-        self.images = next((d for d in IMAGE_DIRS if (self.root / d).is_dir()), None)
-        if self.images is None:
-            raise ConfigError(f"--root {self.root}: no {' or '.join(IMAGE_DIRS)} folder of DICOMs")
+        self.images = find_dir(self.root, IMAGE_DIRS, "DICOMs")
         self.stats: Counter = Counter()
 
     def records(self):

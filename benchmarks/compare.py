@@ -172,8 +172,11 @@ RUN_ONLY_KEYS = {"train": ("time_limit_minutes", "progress", "log_every", "tenso
 
 
 def _identity(cfg: dict) -> dict:
-    return {**cfg, **{section: {k: v for k, v in cfg.get(section, {}).items() if k not in keys}
-                      for section, keys in RUN_ONLY_KEYS.items()}}
+    out = {**cfg, **{section: {k: v for k, v in cfg.get(section, {}).items() if k not in keys}
+                     for section, keys in RUN_ONLY_KEYS.items()}}
+    if not out["data"].get("shards"):  # the PNG-folder stream's results do not depend on the worker count
+        out["data"].pop("num_workers", None)
+    return out
 
 
 def finished_result(cell: Cell, benchmark: dict) -> dict | None:

@@ -156,3 +156,12 @@ def test_image_cache_is_exact_bounded_and_off_by_default(tiny_dataset):
     assert len(cache.entries) == 2 and cache.used <= cache.budget  # full: the third is read, not kept
     assert torch.equal(cache.get(paths[2], pre), to_tensor(load_image(paths[2]), pre))
     assert cache.get(paths[0], Preprocess(image_size=16)).shape[-1] == 16  # keyed by the preprocessing too
+
+
+def test_worker_count_does_not_change_training(tiny_cfg, tmp_path):
+    # the default loader has one worker process; augmentation is seeded per (seed, epoch, sample),
+    # so the weights after training are those of in-process loading, bit for bit
+    runs = [loop.pretrain(tiny_cfg("train.steps=4", f"data.num_workers={n}", f"train.output_dir={tmp_path / str(n)}"))
+            for n in (0, 1)]
+    a, b = (load_file(str(r / "model.safetensors")) for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

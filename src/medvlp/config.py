@@ -112,7 +112,11 @@ class DataConfig:
     pad_to_square: bool = True
     augment: bool = True
     batch_size: int = 64
-    num_workers: int = 0
+    # DataLoader worker processes. One worker decodes and augments the next batch while the model
+    # trains (data wait < 1 % of a step vs ~12 % in-process; benchmarks/results/data_wait.md). The
+    # PNG-folder stream's results do not depend on it (augmentation is seeded per sample); the shard
+    # stream assigns samples by worker, so there it is part of the run (docs/data/streaming.md).
+    num_workers: int = 1
     # decoded, resized images kept in RAM per process (MiB; 0 = off): read each file once, not once per epoch
     image_cache_mb: float = 0.0
     # train from tar shards (a folder with shards.json, or a dataset folder with shards/): see

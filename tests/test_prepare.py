@@ -16,6 +16,7 @@ from medvlp.data.manifest import read_info, read_manifest
 from medvlp.data.prepare import PREPARERS, base, pipeline, prepare
 from medvlp.data.prepare.folder import FolderPreparer
 from medvlp.errors import ConfigError, DataError
+from tests.prepare_helpers import write_dicom
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -131,28 +132,8 @@ def test_worker_pool_matches_single_process(tmp_path):
 
 
 def _dicom(path: Path, patient_id: str, name: str, study_uid: str, seed: int) -> None:
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import (
-        ExplicitVRLittleEndian,
-        SecondaryCaptureImageStorage,
-        generate_uid,
-    )
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.PatientName, ds.PatientID, ds.StudyInstanceUID = name, patient_id, study_uid
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.ViewPosition, ds.PhotometricInterpretation = "CR", "PA", "MONOCHROME2"
     arr = np.random.default_rng(seed).integers(0, 4095, (24, 20)).astype(np.uint16)
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
-    ds.PixelData = arr.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    write_dicom(path, arr, patient_id=patient_id, study_uid=study_uid, name=name, bits_stored=12)
 
 
 def test_dicom_privacy_keyed_subject(tmp_path, monkeypatch, caplog, capsys):

@@ -109,6 +109,22 @@ def test_retrieval_counts_identical_texts_as_hits():
     assert out["n"] == 4 and out["n_unique_texts"] == 3
 
 
+def test_retrieval_constant_embeddings_score_chance_paired_ones_score_one():
+    """Retrieval's constant-predictor check: every image (and text) embedded to the same vector.
+    With N distinct texts, ties go by candidate index, so exactly the first k queries are answered
+    within the top k: R@k = k / N, the chance level of a random ranking."""
+    n = 20
+    texts = [f"report {i}." for i in range(n)]
+    labels = torch.zeros(n, 1, dtype=torch.long)
+    paired = torch.nn.functional.normalize(torch.randn(n, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    good = evaluate_retrieval(paired, paired, texts, labels, ks=(1, 5, 10))
+    assert good["image_to_text"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0} == good["text_to_image"]
+    const = torch.nn.functional.normalize(torch.ones(n, 8), dim=1)
+    out = evaluate_retrieval(const, const, texts, labels, ks=(1, 5, 10))
+    for direction in ("image_to_text", "text_to_image"):
+        assert out[direction] == pytest.approx({"R@1": 1 / n, "R@5": 5 / n, "R@10": 10 / n})
+
+
 def test_retrieval_rejects_misaligned_inputs():
     with pytest.raises(EvaluationError):
         evaluate_retrieval(torch.eye(3), torch.eye(3), ["a", "b"], torch.zeros(3, 1))

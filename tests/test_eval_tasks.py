@@ -149,6 +149,15 @@ def test_linear_probe_random_features_near_chance():
     assert out["split_files"] == []
 
 
+def test_linear_probe_constant_features_score_exactly_chance():
+    """The probe's constant-predictor check: the features of every image replaced by one vector."""
+    x_tr, y_tr, ids, x_te, y_te = _probe_data(separable=True)
+    real = evaluate_linear_probe(x_tr, y_tr, ids, x_te, y_te, CLASSES, [1.0], 2, [0], None)
+    const = evaluate_linear_probe(np.ones_like(x_tr), y_tr, ids, np.ones_like(x_te), y_te, CLASSES, [1.0], 2, [0], None)
+    assert real["fractions"]["1"]["mean"] > 0.95
+    assert const["fractions"]["1"]["mean"] == pytest.approx(0.5)  # every test score ties
+
+
 # ----------------------------------------------------------------------------- report
 
 

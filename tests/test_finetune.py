@@ -69,6 +69,17 @@ def test_visible_label_is_learnt_and_encoder_untouched():
     assert not torch.equal(clf.encoder.blocks[0].attn.qkv.weight, encoder.blocks[0].attn.qkv.weight)
 
 
+def test_constant_input_scores_chance():
+    """Fine-tuning's constant-predictor check: the model sees one image for every sample, so its
+    scores tie and AUROC is exactly 0.5, against > 0.8 for the visible labels above."""
+    train_x, train_y = _visible_labels(96, 0)
+    test_x, test_y = _visible_labels(64, 1)
+    clf = finetune_once(_vit(), torch.zeros_like(train_x), train_y, 4, epochs=5, seed=0, lr=3e-3)
+    with torch.no_grad():
+        scores = clf(torch.zeros_like(test_x)).numpy()
+    assert auroc_per_class(scores, test_y.numpy(), list("abcd"))["mean"] == pytest.approx(0.5)
+
+
 def test_tiny_clip_end_to_end_on_probe_fractions(tiny_dataset, tmp_path):
     from medvlp.hub import build_method
 

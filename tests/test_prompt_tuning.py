@@ -69,6 +69,19 @@ def test_evaluate_reuses_the_probe_splits_and_restores_the_model(method, tmp_pat
     assert all(first > last for first, last in f1["loss_first_last"])
 
 
+def test_constant_image_embeddings_score_chance(method, tmp_path):
+    """Prompt tuning's constant-predictor check: one embedding for every image gives tied scores
+    (AUROC exactly 0.5), where informative embeddings score above 0.6 (test above)."""
+    classes = list(method.classes)
+    train_emb, train_codes = _data(method, 80, 1)
+    test_emb, test_codes = _data(method, 40, 2)
+    const = F.normalize(torch.ones(1, train_emb.shape[1]), dim=-1)
+    res = evaluate_prompt_tuning(method, const.expand_as(train_emb).clone(), train_codes, [f"s{i}" for i in range(80)],
+                                 const.expand_as(test_emb).clone(), test_codes, classes, [1.0], 1, 1, tmp_path,
+                                 steps=10, lr=0.1, logit_scale=50.0)
+    assert res["fractions"]["1"]["mean"] == pytest.approx(0.5)
+
+
 def test_models_without_learned_prompts_are_refused(tiny_dataset, tmp_path):
     from medvlp.config import load_config
     from medvlp.hub import build_method

@@ -165,9 +165,11 @@ def _same_config(saved: dict | None, cfg) -> bool:
 
 
 # Keys that change neither what a run computes nor its budget: the wall-time cap (a run that hit it
-# is flagged ``capped``), logging, progress bars, checkpoint cadence and the in-RAM image cache. A run
-# finished under one setting of these is the same cell under another.
-RUN_ONLY_KEYS = {"train": ("time_limit_minutes", "progress", "log_every", "tensorboard", "save_every", "keep_checkpoints"),
+# is flagged ``capped``), logging, progress bars, checkpoint cadence, the CPU thread count (it changes
+# only the order of floating-point sums) and the in-RAM image cache. A run finished under one setting
+# of these is the same cell under another.
+RUN_ONLY_KEYS = {"train": ("time_limit_minutes", "progress", "log_every", "tensorboard", "save_every", "keep_checkpoints",
+                           "threads"),
                  "data": ("image_cache_mb",)}
 
 

@@ -159,6 +159,7 @@ def test_saved_configs_from_before_a_new_key_still_match(tiny_cfg):
     capped_later["train"]["time_limit_minutes"] = 240.0
     capped_later["train"]["progress"] = not saved["train"]["progress"]
     capped_later["data"]["image_cache_mb"] = 512.0
+    capped_later["train"]["threads"] = saved["train"]["threads"] + 3  # a run moved to a machine with more cores
     capped_later["data"]["num_workers"] = 3  # the PNG-folder stream's results do not depend on it
     assert compare._same_config(capped_later, cfg)
     gone = copy.deepcopy(saved)

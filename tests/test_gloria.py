@@ -101,6 +101,10 @@ def test_mgca_prototypes_and_weights(tiny_dataset, tmp_path):
     torch.testing.assert_close(out["loss"], out["loss_global"] + 0.7 * out["loss_local"] + 0.5 * out["loss_proto"])
     method, _ = _method_and_batch(tiny_dataset, tmp_path, "mgca", "method.num_prototypes=5")
     assert method.prototypes.shape == (5, 32)
+    too_many, _ = _method_and_batch(tiny_dataset, tmp_path, "mgca", "method.num_prototypes=9")  # batch 8, 1 rank
+    with pytest.raises(ConfigError, match=r"method.num_prototypes: 9 prototypes but the global batch has 8 rows"):
+        too_many.train()(batch)
+    too_many.eval()(batch)  # a checkpoint trained on more ranks still loads and runs on one
     method, _ = _method_and_batch(tiny_dataset, tmp_path, "mgca", "method.proto_weight=0")
     assert method.prototypes is None and "loss_proto" not in method(batch)
 

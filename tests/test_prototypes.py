@@ -10,11 +10,12 @@ from medvlp.losses.prototypes import sinkhorn, swapped_prediction_loss
 
 
 def test_row_and_column_sums_match_equal_shares():
-    scores = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+    scores = torch.randn(12, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
     q = sinkhorn(scores, eps=0.05, iters=200)
     assert torch.allclose(q.sum(1), torch.ones(12), atol=1e-5)
     assert torch.allclose(q.sum(0), torch.full((4,), 3.0), atol=1e-3)
-    assert not q.requires_grad
+    # the codes are targets: no gradient flows back into the scores through them
+    assert not q.requires_grad and q.grad_fn is None
 
 
 def test_class_frequency_shares_and_allowed_assignments():

@@ -42,6 +42,21 @@ def test_equal_labels_are_multi_positives_by_hand():
     assert got.item() == pytest.approx(0.5 * (expected_i + expected_t).item(), abs=1e-6)
 
 
+def test_more_texts_than_images_by_hand():
+    """A rectangular batch: text 2 has no image (a labelled report alone) and still trains, as a
+    positive of the image with its labels and as a text->image query."""
+    img_codes = torch.tensor([[P, N], [N, P]])
+    txt_codes = torch.tensor([[P, N], [N, P], [P, N]])
+    pair = torch.tensor([0, 1])
+    img, txt = _features(2, 3, seed=3)
+    logits = 4.0 * img @ txt.t()  # (2, 3)
+    lp_i, lp_t = torch.log_softmax(logits, 1), torch.log_softmax(logits.t(), 1)
+    expected_i = -(0.5 * (lp_i[0, 0] + lp_i[0, 2]) + lp_i[1, 1]) / 2
+    expected_t = -(lp_t[0, 0] + lp_t[1, 1] + lp_t[2, 0]) / 3
+    got = label_contrastive_loss(img, txt, 4.0, img_codes, txt_codes, pair, mode="equal")
+    assert got.item() == pytest.approx(0.5 * (expected_i + expected_t).item(), abs=1e-6)
+
+
 def test_soft_targets_are_the_softmax_of_label_cosines():
     codes = torch.tensor([[P, P], [P, N]])
     t, _ = label_targets(codes, codes, torch.arange(2), mode="soft", tau_t=0.1)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medvlp.distributed import get_world_size
 from medvlp.errors import ConfigError
 from medvlp.losses.local import mgca_local_loss
 from medvlp.losses.prototypes import sinkhorn, swapped_prediction_loss
@@ -70,7 +71,7 @@ class Mgca(GlobalLocal):
     def __init__(self, cfg, tokenizer, *, load_text_weights: bool = True):
         super().__init__(cfg, tokenizer, load_text_weights=load_text_weights)
         m: MgcaConfig = self.cfg
-        self.prototypes = None
+        self.prototypes, self.batch_size = None, cfg.data.batch_size
         if m.proto_weight > 0:  # no parameter that would never get a gradient (DDP would complain)
             k = m.num_prototypes or min(MAX_PROTOTYPES, cfg.data.batch_size)
             self.prototypes = nn.Parameter(torch.randn(k, cfg.model.embed_dim) * cfg.model.embed_dim ** -0.5)
@@ -92,6 +93,12 @@ class Mgca(GlobalLocal):
         if self.prototypes is None:
             return {}
         m = self.cfg
+        rows = self.batch_size * get_world_size()  # the global batch (data.batch_size rows per rank)
+        if self.training and self.prototypes.shape[0] > rows:
+            raise ConfigError(
+                f"method.num_prototypes: {self.prototypes.shape[0]} prototypes but the global batch has {rows} rows; "
+                "with more prototypes than rows Sinkhorn's equal shares make the codes near uniform (METHODS.md). "
+                f"Fix: set method.num_prototypes <= {rows} (0 picks min(500, data.batch_size)), or a larger batch")
         protos = F.normalize(self.prototypes, dim=-1)  # unit prototypes without an in-place step
         img_scores, txt_scores = img.float() @ protos.float().t(), txt.float() @ protos.float().t()
         img_codes = sinkhorn(img_scores, eps=m.sinkhorn_eps, iters=m.sinkhorn_iters)

@@ -78,6 +78,32 @@ def test_zero_shot_perfect_encoder_gives_one_and_probabilities():
     assert torch.allclose(scores[:, 0], expected, atol=1e-5)
 
 
+class _LearnedPromptStub(nn.Module):
+    """A model whose learned prompts are given: pos / neg per class, for Cardiomegaly only."""
+
+    learned_prompt_classes = ["Cardiomegaly"]
+
+    def __init__(self, swap: bool):
+        super().__init__()
+        self.swap = swap
+
+    def class_text_embeddings(self, classes):
+        assert classes == ["Cardiomegaly"]
+        pos, neg = torch.tensor([[1.0, 0.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+        return (neg, pos) if self.swap else (pos, neg)
+
+
+def test_zero_shot_with_learned_prompts_scores_the_models_own_prompt_embeddings():
+    labels = random_labels(40, 2, seed=4)
+    emb = runner.SplitEmbeddings(ids=[str(i) for i in range(40)], subject_ids=[str(i) for i in range(40)],
+                                 texts=[""] * 40, labels=labels, image_emb=F.normalize(label_vectors(labels), dim=1))
+    right = runner._zero_shot_learned(_LearnedPromptStub(swap=False), emb, CLASSES, 10.0)
+    swapped = runner._zero_shot_learned(_LearnedPromptStub(swap=True), emb, CLASSES, 10.0)
+    assert right["prompts"] == "learned" and right["not_scored"] == ["Pleural Effusion"]
+    assert set(right["per_class"]) == {"Cardiomegaly"}
+    assert right["mean"] == pytest.approx(1.0) and swapped["mean"] == pytest.approx(0.0)
+
+
 def test_zero_shot_rejects_missing_prompts():
     with pytest.raises(EvaluationError, match="Edema"):
         zero_shot_scores(torch.eye(4), keyword_vectors, ["Edema"], PROMPTS)

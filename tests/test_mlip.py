@@ -166,6 +166,49 @@ def test_every_parameter_gets_a_gradient(tiny_dataset, tmp_path):
     assert missing == []
 
 
+def test_knowledge_enriches_only_mentioning_tokens_and_labels_restrict_codes(tiny_dataset, tmp_path, monkeypatch):
+    """Inside the recipe: the definition embedding is added to exactly the word tokens that mention
+    a knowledge-base entity (scaled by knowledge_weight), and the category codes stay in the
+    classes each sample's labels allow."""
+    import medvlp.methods.mlip as mlip_module
+
+    method, batch, _ = _method_and_batch(tiny_dataset, tmp_path)
+    seen = {}
+
+    def local_spy(words, *args, **kwargs):
+        seen["words"] = words.detach().clone()
+        return mgca_local_loss(words, *args, **kwargs)
+
+    def sinkhorn_spy(scores, allowed, **kwargs):
+        codes = restricted_sinkhorn(scores, allowed, **kwargs)
+        seen.setdefault("codes", []).append((codes, allowed))
+        return codes
+
+    from medvlp.losses.local import mgca_local_loss
+    monkeypatch.setattr(mlip_module, "mgca_local_loss", local_spy)
+    monkeypatch.setattr(mlip_module, "restricted_sinkhorn", sinkhorn_spy)
+    method.eval()  # no dropout: the two passes differ only by the knowledge term
+    words = {}
+    for weight in (0.0, 0.5):
+        method.cfg.knowledge_weight = weight
+        with torch.no_grad():
+            method(batch)
+        words[weight] = seen["words"]
+    mentioned = find_mentions(batch.input_ids, batch.word_ids, method.phrases) >= 0
+    assert mentioned.any() and (~mentioned & (batch.word_ids >= 0)).any()
+    changed = (words[0.5] - words[0.0]).abs().amax(-1) > 1e-6
+    assert torch.equal(changed, mentioned)
+    delta_norm = (words[0.5] - words[0.0]).norm(dim=-1)[mentioned]
+    torch.testing.assert_close(delta_norm, torch.full_like(delta_norm, 0.5))  # 0.5 x a unit definition
+
+    expected = allowed_categories(batch.labels, batch.has_labels, len(batch.images), len(method.classes),
+                                  no_finding=method.no_finding, uncertain_allowed=method.cfg.uncertain_allowed)
+    assert not expected.all()  # some sample is restricted
+    for codes, allowed in seen["codes"]:
+        assert torch.equal(allowed.cpu(), expected)
+        assert (codes[~allowed] == 0).all()
+
+
 def test_teacher_moves_only_after_the_optimizer_step(tiny_dataset, tmp_path):
     method, batch, _ = _method_and_batch(tiny_dataset, tmp_path, "method.ema_schedule=constant",
                                          "method.ema_momentum=0.5")

@@ -8,6 +8,7 @@ recipe does (``prompt_texts: labeled_only`` on paired-only data)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -191,3 +192,20 @@ def test_pretrain_then_evaluate_with_learned_prompts(tiny_dataset, tmp_path):
     assert {"zeroshot", "zeroshot_learned", "linear_probe", "prompt_tuning"} <= set(m)
     assert 0 <= m["zeroshot_learned"]["mean"] <= 1 and m["zeroshot_learned"]["prompts"] == "learned"
     assert set(m["prompt_tuning"]["fractions"]) == set(m["linear_probe"]["fractions"])
+
+
+def test_negative_prompt_term_known_answer():
+    """Mean BCE over POSITIVE / NEGATIVE codes of scale * v . (pos_k - neg_k); UNCERTAIN and MISSING
+    codes are left out."""
+    from medvlp.methods.umcl import Umcl
+
+    img = torch.tensor([[1.0, 0.0]])
+    pos = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    neg = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    codes = torch.tensor([[POSITIVE, NEGATIVE, UNCERTAIN, MISSING]])
+    # margins 2 * [1, -1, 1, 1]: the positive class at +2 and the negative at -2 each cost log(1 + e^-2)
+    got = Umcl._prompt_pair_loss(img, codes, pos, neg, torch.tensor(2.0))
+    assert got.item() == pytest.approx(math.log1p(math.exp(-2.0)), abs=1e-6)
+    codes_flipped = torch.tensor([[NEGATIVE, POSITIVE, UNCERTAIN, MISSING]])
+    got = Umcl._prompt_pair_loss(img, codes_flipped, pos, neg, torch.tensor(2.0))
+    assert got.item() == pytest.approx(math.log1p(math.exp(2.0)), abs=1e-6)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from medvlp.data.sample import MISSING
-from medvlp.distributed import gather_features, get_rank, get_world_size
-from medvlp.errors import ConfigError
+from medvlp.distributed import all_reduce_max, gather_features, get_rank, get_world_size
+from medvlp.errors import ConfigError, DataError
 from medvlp.losses.soft_contrastive import label_contrastive_loss
 from medvlp.methods.clip import Clip, ClipConfig, text_hashes
 from medvlp.registry import METHODS
@@ -74,6 +74,13 @@ class Medclip(Clip):
 
         world = get_world_size()
         if world > 1:
+            counts = all_reduce_max(torch.tensor([len(text_rows), -len(text_rows)], device=img.device))
+            if int(counts[0]) != -int(counts[1]):
+                raise DataError(
+                    f"medclip: the ranks' batches hold different numbers of reports ({-int(counts[1])} to "
+                    f"{int(counts[0])}); the cross-rank gather needs the same number on every rank. Fix: mix sources "
+                    "with data.sources (fixed per-batch counts per source) rather than a split whose samples lack "
+                    "reports at random")
             # every rank's rows and columns, rank order; pairs point into the gathered columns
             pair = pair + (pair >= 0) * get_rank() * len(text_rows)
             img, txt = (gather_features(x, gather_with_grad=m.gather_with_grad) for x in (img, txt))

@@ -104,14 +104,18 @@ def test_recipes_train_under_two_processes(recipe, extra, tiny_dataset, tmp_path
     assert len(losses) == STEPS and all(map(torch.isfinite, torch.tensor(losses)))
 
 
-@pytest.mark.parametrize("recipe,extra", [("medclip", [LABELED]), ("umcl", [LABELED]),
+REPORTS = ("data.sources=[{split: pretrain, kind: paired, weight: 2}, {split: pretrain-labeled, kind: labeled, "
+           "weight: 1}, {split: train, kind: report, weight: 1}]")
+
+
+@pytest.mark.parametrize("recipe,extra", [("medclip", [LABELED]), ("medclip", [REPORTS]), ("umcl", [LABELED]),
                                           ("mgca", ["method.num_prototypes=4"])])
 def test_label_recipes_under_two_processes_match_one_process(recipe, extra, tiny_dataset, tmp_path):
     """The label-driven recipes have no per-rank noise, so 2 ranks x batch 4 must give the weights of
     1 process x batch 8: the soft / multi-positive targets built from gathered label codes, the
     prompt columns rebuilt from gathered label sets (UMCL) and the rank-reduced Sinkhorn column sums
     (MGCA) are those of the whole batch. Image-label samples (no report) are mixed in for MedCLIP
-    and UMCL, so pairs point across ranks."""
+    and UMCL, and report-only samples (no image) for MedCLIP, so pairs point across ranks."""
     common = [*TINY, f"data.manifest={tiny_dataset}", *DETERMINISTIC, "data.train_split=pretrain", *extra]
     from medvlp.train.loop import pretrain
 

@@ -122,10 +122,88 @@ def test_without_labels_image_only_rows_are_only_negatives(tiny_dataset, tmp_pat
     torch.testing.assert_close(method(batch)["loss"], expected, rtol=1e-5, atol=1e-6)
 
 
+REPORTS = ("data.sources=[{split: pretrain, kind: paired, weight: 2}, {split: pretrain-labeled, kind: labeled, weight: 1},"
+           " {split: train, kind: report, weight: 1}]")
+
+
+def _with_reports(dataset, tmp_path):
+    """A method and one batch of 8: 4 paired, 2 image-label and 2 report-only (no image) samples."""
+    cfg = _cfg(dataset, tmp_path, REPORTS)
+    sources = read_sources(cfg)
+    tok = train_wordpiece([s.text() for src in sources if src.kind in ("paired", "report") for s in src.samples], 300)
+    stream = MixedStream(sources, Preprocess.from_config(cfg), tok, read_info(dataset)["classes"], batch_size=8,
+                         max_length=48, sections=cfg.data.sections, seed=0, augment=False)
+    torch.manual_seed(0)
+    return build_method(cfg, tok), next(iter(stream))
+
+
+def test_report_only_samples_are_columns_without_rows(tiny_dataset, tmp_path, monkeypatch):
+    method, batch = _with_reports(tiny_dataset, tmp_path)
+    assert batch.has_image.tolist() == [True] * 6 + [False] * 2
+    assert batch.has_text.tolist() == [True] * 4 + [False] * 2 + [True] * 2
+    assert batch.paired.tolist() == [True] * 4 + [False] * 4
+    assert bool(batch.has_labels[6:].all()) and not batch.images[6:].any()  # labelled reports, zero images
+    import medvlp.methods.medclip as medclip_module
+    from medvlp.losses.soft_contrastive import label_contrastive_loss
+
+    seen, encoded = {}, []
+    real_encode = method.encode_image
+
+    def spy(img, txt, scale, img_codes, txt_codes, pair, **kw):
+        seen.update(img=img, txt=txt, img_codes=img_codes, txt_codes=txt_codes, pair=pair, **kw)
+        return label_contrastive_loss(img, txt, scale, img_codes, txt_codes, pair, **kw)
+
+    def encode_spy(images):
+        encoded.append(images.shape[0])
+        return real_encode(images)
+
+    monkeypatch.setattr(medclip_module, "label_contrastive_loss", spy)
+    monkeypatch.setattr(method, "encode_image", encode_spy)
+    out = method(batch)
+    assert encoded == [6]  # the report-only rows' zero images are never encoded
+    assert seen["img"].shape == (6, 32) and seen["txt"].shape == (6, 32)  # 6 images x (4 paired + 2 report) texts
+    assert seen["pair"].tolist() == [0, 1, 2, 3, -1, -1]
+    assert torch.equal(seen["img_codes"], batch.labels[:6])
+    assert torch.equal(seen["txt_codes"], batch.labels[[0, 1, 2, 3, 6, 7]])
+    assert out["n_report_only"].item() == 2 and out["n_image_label"].item() == 2
+
+    # the report-only texts train the text tower: their token embeddings get a gradient
+    emb = method.text.get_input_embeddings().weight
+    method.zero_grad()
+    out["loss"].backward()
+    report_tokens = set(batch.input_ids[6:][batch.attention_mask[6:].bool()].tolist())
+    others = set(batch.input_ids[:4][batch.attention_mask[:4].bool()].tolist())
+    only_in_reports = sorted(report_tokens - others)
+    assert only_in_reports and bool((emb.grad[only_in_reports].abs().sum(1) > 0).all())
+
+
+def test_methods_that_need_images_refuse_report_sources(tiny_dataset, tmp_path):
+    from medvlp.train.loop import pretrain
+
+    cfg = _cfg(tiny_dataset, tmp_path, REPORTS, recipe="configs/methods/clip.yaml")
+    with pytest.raises(ConfigError, match="kind 'report'.*cannot train method 'clip'"):
+        pretrain(cfg)
+
+
+def test_report_source_images_are_never_read(tiny_dataset, tmp_path):
+    """A report corpus without image files: the source is read and batched without touching images."""
+    from medvlp.data.mixed import Source
+
+    cfg = _cfg(tiny_dataset, tmp_path, REPORTS)
+    sources = read_sources(cfg)
+    reports = [replace(s, image=str(tmp_path / "no-such-image.png")) for s in sources[2].samples]
+    sources[2] = Source("train", "report", 1.0, reports)
+    tok = train_wordpiece([s.text() for s in reports], 300)
+    stream = MixedStream(sources, Preprocess.from_config(cfg), tok, read_info(tiny_dataset)["classes"], batch_size=8,
+                         max_length=48, sections=cfg.data.sections, seed=0, augment=False)
+    batch = next(iter(stream))
+    assert not batch.skipped and batch.has_image.tolist() == [True] * 6 + [False] * 2
+
+
 def test_every_parameter_gets_a_gradient(tiny_dataset, tmp_path):
     method, batch = _mixed(tiny_dataset, tmp_path)
     out = method(batch)
-    assert set(out) == {"loss", "loss_medclip", "logit_scale", "n_image_label"}
+    assert set(out) == {"loss", "loss_medclip", "logit_scale", "n_image_label", "n_report_only"}
     out["loss"].backward()
     missing = [n for n, p in method.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []

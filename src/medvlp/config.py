@@ -71,14 +71,16 @@ class ModelConfig:
 @dataclass
 class SourceConfig:
     """One source of the mixed pre-training stream: a split of the manifest used as
-    ``paired`` (image + report), ``unpaired`` (image only: report and labels withheld) or
-    ``labeled`` (image + labels: report withheld) samples, drawn with relative ``weight``.
+    ``paired`` (image + report), ``unpaired`` (image only: report and labels withheld),
+    ``labeled`` (image + labels: report withheld) or ``report`` (report + labels, no image:
+    a labelled report corpus; only methods that take image-less rows, MedCLIP, accept it)
+    samples, drawn with relative ``weight``.
     ``subjects: [lo, hi]`` keeps only the subjects whose hash falls in that part of [0, 1)
     (a deterministic, subject-level subset: complementary ranges of one split give, e.g., a
     10 % paired part and a 90 % unpaired part)."""
 
     split: str = "train"
-    kind: Literal["paired", "unpaired", "labeled"] = "paired"
+    kind: Literal["paired", "unpaired", "labeled", "report"] = "paired"
     weight: float = 1.0
     subjects: list[float] = field(default_factory=lambda: [0.0, 1.0])
 

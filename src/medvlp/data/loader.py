@@ -34,13 +34,15 @@ class ImageTextDataset(Dataset):
     seeded by (seed, epoch, index), so it differs between epochs and repeats on resume.
     """
 
-    def __init__(self, samples: Sequence[Sample], pre: Preprocess, *, train: bool, augment: bool, seed: int = 0):
+    def __init__(self, samples: Sequence[Sample], pre: Preprocess, *, train: bool, augment: bool, seed: int = 0,
+                 kinds: Sequence[str] | None = None):
         self.samples = list(samples)
         self.pre = pre
         self.train = train
         self.augment = augment and train
         self.seed = seed
         self.epoch = 0
+        self.kinds = kinds  # aligned with samples; "report" samples get a zero image, never read
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -48,6 +50,8 @@ class ImageTextDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]):
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         sample = self.samples[index]
+        if self.kinds is not None and self.kinds[index] == "report":
+            return index, torch.zeros(self.pre.in_chans, self.pre.image_size, self.pre.image_size), None
         try:
             x = IMAGE_CACHE.get(image_ref(sample), self.pre)  # a file or a shard member
         except DataError as exc:
@@ -63,8 +67,9 @@ class Collator:
 
     ``kinds`` (aligned with ``samples``; default all ``paired``) withholds what a sample's
     source may not carry: ``unpaired`` samples lose report and labels, ``labeled`` samples
-    their report; ``paired_labels="none"`` also drops the labels of paired samples
-    (``"labeler"`` keeps them: :func:`medvlp.data.mixed.read_sources` set them from the reports).
+    their report, ``report`` samples their image (``has_image`` False, a zero image);
+    ``paired_labels="none"`` also drops the labels of paired samples (``"labeler"`` keeps them:
+    :func:`medvlp.data.mixed.read_sources` set them from the reports).
     """
 
     def __init__(self, samples: Sequence[Sample], tokenizer, classes: Sequence[str], *, max_length: int,
@@ -90,11 +95,12 @@ class Collator:
             raise DataError("every image of a batch was unreadable:\n  " + "\n  ".join(skipped))
         samples = [self.samples[i] for i, _ in kept]
         kinds = [self._kind(i) for i, _ in kept]
-        texts = [s.text(self.sections) if k == "paired" else "" for s, k in zip(samples, kinds)]
+        texts = [s.text(self.sections) if k in ("paired", "report") else "" for s, k in zip(samples, kinds)]
         enc = encode_texts(self.tokenizer, texts, self.max_length)
         no_labels = [MISSING] * len(self.classes)
         # "labeler": the labels were replaced by the report labeler's when the sources were read
-        keep_labels = [k == "labeled" or (k == "paired" and self.paired_labels != "none") for k in kinds]
+        keep_labels = [k in ("labeled", "report") or (k == "paired" and self.paired_labels != "none") for k in kinds]
+        has_image = torch.tensor([k != "report" for k in kinds])
         labels = torch.tensor([s.label_vector(self.classes) if keep else no_labels
                                for s, keep in zip(samples, keep_labels)], dtype=torch.long).reshape(len(samples), -1)
         has_text = torch.tensor([bool(t) for t in texts])
@@ -106,7 +112,8 @@ class Collator:
             labels=labels,
             has_text=has_text,
             has_labels=(labels != MISSING).any(dim=1),
-            paired=has_text.clone(),
+            paired=has_text & has_image,
+            has_image=None if bool(has_image.all()) else has_image,
             ids=[s.id for s in samples],
             subject_ids=[s.subject_id for s in samples],
             texts=texts,

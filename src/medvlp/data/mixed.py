@@ -5,7 +5,10 @@ A stream is made of *sources* (``data.sources``): a split of the manifest used a
 - ``paired``   image + report (+ the manifest's labels, or with ``data.paired_labels: labeler``
   the report labeler's, read once per sample here; none with ``data.paired_labels: none``),
 - ``unpaired`` image only (report and labels withheld, as for images without reports),
-- ``labeled``  image + labels (report withheld, as for a labelled classification set).
+- ``labeled``  image + labels (report withheld, as for a labelled classification set),
+- ``report``   report + labels, no image (a labelled report corpus; the image is never read and
+  the batch row holds zeros with ``has_image`` False; only methods with ``takes_report_only_rows``
+  accept such a source: MedCLIP).
 
 Every global batch takes a fixed number of samples from each source, proportional to the
 source weights (largest-remainder rounding, at least one each), so the mix is exact at every
@@ -35,7 +38,7 @@ from medvlp.data.manifest import read_manifest
 from medvlp.data.sample import Batch, Sample, hash_subject
 from medvlp.errors import ConfigError, DataError
 
-KINDS = ("paired", "unpaired", "labeled")
+KINDS = ("paired", "unpaired", "labeled", "report")
 
 
 @dataclass
@@ -64,7 +67,7 @@ def read_sources(cfg) -> list[Source]:
             if not samples:
                 raise DataError(f"data.sources: split {spec.split!r} has no subjects in subjects: [{lo}, {hi}]; "
                                 "widen the range")
-        if spec.kind == "paired":
+        if spec.kind in ("paired", "report"):
             dropped = sum(not s.has_text for s in samples)
             samples = [s for s in samples if s.has_text]
             if not samples:
@@ -72,7 +75,8 @@ def read_sources(cfg) -> list[Source]:
                                 "use it as kind 'unpaired' or 'labeled', or choose a split with reports")
             if cfg.data.paired_labels == "labeler":
                 samples = label_reports(samples, cfg.data.sections)
-        check_images_exist(samples)
+        if spec.kind != "report":  # a report source's images are never read
+            check_images_exist(samples)
         sources.append(Source(spec.split, spec.kind, float(spec.weight), samples))
     return sources
 
@@ -140,7 +144,7 @@ class MixedStream:
             samples += src.samples
             kinds += [src.kind] * len(src.samples)
         self.samples = samples
-        self.dataset = ImageTextDataset(samples, pre, train=True, augment=augment, seed=seed)
+        self.dataset = ImageTextDataset(samples, pre, train=True, augment=augment, seed=seed, kinds=kinds)
         self.collate = Collator(samples, tokenizer, classes, max_length=max_length, sections=sections, kinds=kinds,
                                 paired_labels=paired_labels)
         self._perms: dict[tuple[int, int], list[int]] = {}

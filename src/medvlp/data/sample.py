@@ -80,6 +80,7 @@ class Batch:
     has_text: Optional[torch.Tensor] = None
     has_labels: Optional[torch.Tensor] = None
     paired: Optional[torch.Tensor] = None
+    has_image: Optional[torch.Tensor] = None  # None = every row has an image; False rows hold zeros (kind "report")
     ids: list[str] = field(default_factory=list)
     subject_ids: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)

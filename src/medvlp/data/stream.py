@@ -160,6 +160,9 @@ def read_shard_sources(cfg, *, with_samples: bool = True) -> list[ShardSource]:
     specs = cfg.data.sources or [SourceConfig(split=cfg.data.train_split, kind="paired", weight=1.0)]
     sources = []
     for spec in specs:
+        if spec.kind == "report":
+            raise ConfigError(f"data.sources: kind 'report' ({spec.split!r}) is not supported with data.shards (the "
+                              "shard stream reads images); train from the PNG folder (data.manifest, no data.shards)")
         if tuple(spec.subjects) != (0.0, 1.0):
             raise ConfigError(f"data.sources: subjects ranges ({spec.split!r}: {list(spec.subjects)}) are not "
                               "supported with data.shards; write the subject subset into its own split instead")

@@ -22,6 +22,9 @@ from torch import nn
 class Method(nn.Module):
     #: parameter-name substrings that get no weight decay (besides biases and norms)
     no_weight_decay: tuple[str, ...] = ("logit_scale", "cls_token", "pos_embed")
+    #: whether ``forward`` accepts rows without an image (``Batch.has_image`` False: a
+    #: ``report`` source); the training loop refuses such a source for every other method
+    takes_report_only_rows: bool = False
 
     def forward(self, batch) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError

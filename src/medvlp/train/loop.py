@@ -122,11 +122,15 @@ def pretrain(cfg, *, resume: bool = False, device: str | None = None) -> Path:
     else:
         sources, stream_cls, extra = read_sources(cfg), MixedStream, {}
     classes = read_info(cfg.data.manifest).get("classes", [])
-    paired = [s for src in sources if src.kind == "paired" for s in src.samples]
+    paired = [s for src in sources if src.kind in ("paired", "report") for s in src.samples]
     tokenizer = prepare_tokenizer(cfg, paired, resume_from)
 
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg, tokenizer).to(dev)
+    if any(src.kind == "report" for src in sources) and not method.takes_report_only_rows:
+        raise ConfigError(f"data.sources: kind 'report' (reports without images) cannot train method "
+                          f"{cfg.method.name!r}, which needs an image in every row; use it with medclip, or make the "
+                          "source 'paired' if its samples have images")
     optimizer = build_optimizer(method, cfg.train, dev)
     scheduler = build_scheduler(optimizer, cfg.train)
     step, position, train_seconds = 0, 0, 0.0
@@ -149,7 +153,8 @@ def pretrain(cfg, *, resume: bool = False, device: str | None = None) -> Path:
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     logger = RunLogger(run_dir, enabled=is_main_process(), tensorboard=cfg.train.tensorboard)
     subjects = sorted({s.subject_id for src in sources for s in src.samples})
-    image_hashes = sorted({s.meta["image_sha256"] for src in sources for s in src.samples if s.meta.get("image_sha256")})
+    image_hashes = sorted({s.meta["image_sha256"] for src in sources if src.kind != "report"  # images never read
+                           for s in src.samples if s.meta.get("image_sha256")})
 
     def save(at_step: int) -> Path:
         path = run_dir / ckpt.CKPT_DIR / f"step_{at_step:08d}"

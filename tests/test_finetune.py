@@ -102,6 +102,30 @@ def test_tiny_clip_end_to_end_on_probe_fractions(tiny_dataset, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_fractions_come_from_the_probe_split_files(tiny_dataset, tmp_path):
+    """Fine-tuning trains on exactly the samples the linear probe used: seed 0's fractions are read
+    from a (hand-written) probe split file, seed 1's are made and written with the probe's function."""
+    import json
+
+    from medvlp.eval.linear_probe import write_splits
+    from medvlp.hub import build_method
+
+    cfg = load_config("configs/methods/clip.yaml", [*TINY, f"data.manifest={tiny_dataset}",
+                                                     f"train.output_dir={tmp_path / 'run'}"])
+    classes = read_info(tiny_dataset)["classes"]
+    train, test = read_manifest(tiny_dataset, ["pretrain"]), read_manifest(tiny_dataset, ["test"])
+    tok = train_wordpiece([s.text() for s in train], 300)
+    ids = [s.id for s in train]
+    write_splits(tmp_path, 0, {0.25: ids[:5], 1.0: ids}, 1)  # unlike any fresh 25 % subset (>= 10 samples)
+    res = evaluate_finetune(build_method(cfg, tok), train, test, cfg, classes, fractions=(0.25, 1.0), epochs=1,
+                            seeds=(0, 1), tokenizer=tok, out_dir=tmp_path)
+    codes = np.array([s.label_vector(classes) for s in train])
+    fresh = fraction_indices(codes, (0.25, 1.0), cfg.eval.min_positives, 1)
+    assert res["fractions"]["0.25"]["n_train"] == [5, len(fresh[0.25])]
+    written = json.loads((tmp_path / "splits" / "probe_seed1.json").read_text())["fractions"]
+    assert written["0.25"] == [ids[i] for i in fresh[0.25]]
+
+
 def test_model_without_vision_tower_is_refused(tiny_dataset, tmp_path):
     from medvlp.errors import EvaluationError
 

@@ -28,6 +28,7 @@ import copy
 import math
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from torch import nn
 
 from medvlp.data.sample import Sample
 from medvlp.errors import DataError, EvaluationError
-from medvlp.eval.linear_probe import fraction_indices, fraction_key
+from medvlp.eval.linear_probe import fraction_key, probe_split_indices
 from medvlp.eval.metrics import auroc_per_class
 from medvlp.methods.supervised import masked_bce
 
@@ -155,7 +156,7 @@ def _predict(clf: FinetuneClassifier, images: torch.Tensor, batch_size: int, dev
 def evaluate_finetune(model, train_samples: Sequence[Sample], test_samples: Sequence[Sample], cfg,
                       classes: Sequence[str], *, fractions: Sequence[float] = (0.01, 0.1, 1.0), epochs: int = EPOCHS,
                       seeds: Sequence[int] = (0,), device: torch.device | str = "cpu", tokenizer=None,
-                      lr: float = LR, layer_decay: float = LAYER_DECAY) -> dict:
+                      lr: float = LR, layer_decay: float = LAYER_DECAY, out_dir: str | Path | None = None) -> dict:
     """Fine-tuned test AUROC per label fraction, mean ± sd over seeds (module docstring).
 
     Args:
@@ -166,6 +167,8 @@ def evaluate_finetune(model, train_samples: Sequence[Sample], test_samples: Sequ
         classes: the K label columns.
         tokenizer: only for the loader's report tokenisation; the model's tokenizer, or None
             (then a throwaway tokenizer is trained on a fixed sentence).
+        out_dir: the evaluation folder: the label fractions are read from the linear probe's
+            split files there (``splits/probe_seed<seed>.json``), or written there when absent.
     Returns ``{"protocol", "seeds", "epochs", "lr", "layer_decay", "fractions": {key: {"fraction",
     "mean", "sd", "per_seed", "per_class", "n_train"}}}``, shaped like the linear probe's result.
     """
@@ -180,12 +183,14 @@ def evaluate_finetune(model, train_samples: Sequence[Sample], test_samples: Sequ
         from medvlp.data.tokenize import train_wordpiece
 
         tokenizer = train_wordpiece(["no acute cardiopulmonary process."], 64)
-    _, train_images, train_codes = _load_split(train_samples, cfg, tokenizer, classes)
+    train_ids, train_images, train_codes = _load_split(train_samples, cfg, tokenizer, classes)
     _, test_images, test_codes = _load_split(test_samples, cfg, tokenizer, classes)
 
     acc: dict[float, dict[str, list]] = {f: {"mean": [], "per_class": [], "n": []} for f in fractions}
     for seed in seeds:
-        for frac, idx in fraction_indices(train_codes.numpy(), fractions, cfg.eval.min_positives, seed).items():
+        indices, _ = probe_split_indices(list(train_ids), train_codes.numpy(), fractions, cfg.eval.min_positives, seed,
+                                         out_dir)
+        for frac, idx in indices.items():
             idx_t = torch.as_tensor(idx, dtype=torch.long)
             clf = finetune_once(vision, train_images[idx_t], train_codes[idx_t], len(classes), epochs=epochs,
                                 seed=seed, lr=lr, decay=layer_decay, device=device)

@@ -132,6 +132,29 @@ def write_splits(out_dir: str | Path, seed: int, splits: dict[float, list[str]],
     return path
 
 
+def probe_split_indices(train_ids: Sequence[str], codes: np.ndarray, fractions: Sequence[float], min_positives: int,
+                        seed: int, out_dir: str | Path | None) -> tuple[dict[float, np.ndarray], str | None]:
+    """The linear probe's fraction indices of ``train_ids`` for ``seed``: read from its split file
+    (``<out_dir>/splits/probe_seed<seed>.json``) when present, else made and written there, so
+    every task on label fractions (probe, prompt tuning, fine-tuning) trains on the same samples.
+    Returns (indices per fraction, the split file's path or None without ``out_dir``)."""
+    path = Path(out_dir) / "splits" / f"probe_seed{seed}.json" if out_dir is not None else None
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())["fractions"]
+        if all(fraction_key(f) in saved for f in fractions):
+            row = {sid: i for i, sid in enumerate(train_ids)}
+            try:
+                return {f: np.array([row[sid] for sid in saved[fraction_key(f)]], dtype=np.int64) for f in fractions}, str(path)
+            except KeyError as exc:
+                raise EvaluationError(f"{path}: sample {exc} is not in the probe's training split; the split file "
+                                      "belongs to another dataset: use a fresh --out folder") from None
+    indices = fraction_indices(codes, fractions, min_positives, seed)
+    if path is None:
+        return indices, None
+    written = write_splits(out_dir, seed, {f: [train_ids[i] for i in idx] for f, idx in indices.items()}, min_positives)
+    return indices, str(written)
+
+
 def fit_probe_scores(train_x: np.ndarray, train_codes: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """One-vs-rest logistic regression per class -> (test decision scores (M, K), degenerate classes).
 

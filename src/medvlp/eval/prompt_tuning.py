@@ -18,7 +18,6 @@ Results: mean ± sd over seeds per fraction, as the linear probe reports them.
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 
 from medvlp.data.sample import NEGATIVE, POSITIVE
 from medvlp.errors import EvaluationError
-from medvlp.eval.linear_probe import fraction_indices, fraction_key, write_splits
+from medvlp.eval.linear_probe import fraction_key, probe_split_indices
 from medvlp.eval.metrics import auroc_per_class
 from medvlp.eval.zeroshot import margins_from_embeddings
 
@@ -85,26 +84,6 @@ def tune_prompts(model: nn.Module, image_emb: torch.Tensor, codes: torch.Tensor,
     return losses
 
 
-def _split_indices(train_ids: Sequence[str], codes: np.ndarray, fractions: Sequence[float], min_positives: int,
-                   seed: int, out_dir: str | Path | None) -> tuple[dict[float, np.ndarray], str | None]:
-    """The linear probe's fraction indices for ``seed``: from its split file when present."""
-    path = Path(out_dir) / "splits" / f"probe_seed{seed}.json" if out_dir is not None else None
-    if path is not None and path.is_file():
-        saved = json.loads(path.read_text())["fractions"]
-        if all(fraction_key(f) in saved for f in fractions):
-            row = {sid: i for i, sid in enumerate(train_ids)}
-            try:
-                return {f: np.array([row[sid] for sid in saved[fraction_key(f)]], dtype=np.int64) for f in fractions}, str(path)
-            except KeyError as exc:
-                raise EvaluationError(f"{path}: sample {exc} is not in the probe's training split; the split file "
-                                      "belongs to another dataset: use a fresh --out folder") from None
-    indices = fraction_indices(codes, fractions, min_positives, seed)
-    if path is None:
-        return indices, None
-    written = write_splits(out_dir, seed, {f: [train_ids[i] for i in idx] for f, idx in indices.items()}, min_positives)
-    return indices, str(written)
-
-
 def evaluate_prompt_tuning(model: nn.Module, train_emb: torch.Tensor, train_labels: torch.Tensor,
                            train_ids: Sequence[str], test_emb: torch.Tensor, test_labels: torch.Tensor,
                            classes: Sequence[str], fractions: Sequence[float], min_positives: int,
@@ -126,7 +105,7 @@ def evaluate_prompt_tuning(model: nn.Module, train_emb: torch.Tensor, train_labe
     split_files: list[str] = []
     try:
         for seed in seed_list:
-            indices, path = _split_indices(list(train_ids), train_codes.numpy(), fractions, min_positives, seed, out_dir)
+            indices, path = probe_split_indices(list(train_ids), train_codes.numpy(), fractions, min_positives, seed, out_dir)
             if path:
                 split_files.append(path)
             for frac, idx in indices.items():

@@ -346,12 +346,13 @@ def _evaluate_one(name: str, model: nn.Module, tokenizer, cfg, classes: list[str
         )
         out["prompt_tuning"]["train_split"] = cfg.eval.probe_train_split
         out["meta"].setdefault("seconds", {})["prompt_tuning"] = round(time.perf_counter() - t0, 2)
-    _downstream(name, model, tokenizer, cfg, classes, tasks, test, pool, out, device=device, dataset=dataset)
+    _downstream(name, model, tokenizer, cfg, classes, tasks, test, pool, out, device=device, dataset=dataset,
+                out_dir=out_dir)
     return out
 
 
 def _downstream(name: str, model: nn.Module, tokenizer, cfg, classes: list[str], tasks: list[str],
-                test: list[Sample], pool: list[Sample] | None, out: dict, *, device, dataset) -> None:
+                test: list[Sample], pool: list[Sample] | None, out: dict, *, device, dataset, out_dir: Path) -> None:
     """VQA, full fine-tuning, segmentation and detection (each trains a head on the probe's training split);
     a task that does not apply is listed under ``meta.skipped_tasks`` with the reason."""
     from medvlp.data.manifest import resolve_manifest
@@ -365,7 +366,7 @@ def _downstream(name: str, model: nn.Module, tokenizer, cfg, classes: list[str],
     runs = {
         "vqa": lambda: evaluate_vqa(model, tokenizer, pool, test, cfg, seeds=seeds, device=device),
         "finetune": lambda: evaluate_finetune(model, pool, test, cfg, classes, fractions=fractions, seeds=seeds,
-                                              device=device, tokenizer=tokenizer),
+                                              device=device, tokenizer=tokenizer, out_dir=out_dir),
         "segmentation": lambda: evaluate_segmentation(model, tokenizer, pool, test, cfg, classes,
                                                       resolve_manifest(dataset).parent, fractions=fractions,
                                                       seeds=seeds, min_positives=cfg.eval.min_positives,

@@ -141,13 +141,22 @@ def test_cli_tasks_all_expands_to_every_task():
 
 
 def test_evaluate_all_tasks_end_to_end(tmp_path, tiny_dataset):
-    run = tmp_path / "run"
-    assert main(["pretrain", "--config", "configs/experiments/demo.yaml", *TINY, f"data.manifest={tiny_dataset}",
-                 f"train.output_dir={run}", "train.steps=2"]) == 0
+    run, run2 = tmp_path / "run", tmp_path / "run2"
+    for folder, seed in ((run, 0), (run2, 1)):
+        assert main(["pretrain", "--config", "configs/experiments/demo.yaml", *TINY, f"data.manifest={tiny_dataset}",
+                     f"train.output_dir={folder}", "train.steps=2", f"train.seed={seed}"]) == 0
     out = tmp_path / "eval"
-    # one label fraction keeps this test fast (the fraction protocol is covered above and in the task tests)
-    assert main(["evaluate", str(run), "--tasks", "all", "--out", str(out), "--overrides", "eval.fractions=[1.0]"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())["run"]
+    # one label fraction keeps this test fast (the fraction protocol is covered above and in the task tests);
+    # two checkpoints in one command: one report, side by side
+    assert main(["evaluate", str(run), str(run2), "--tasks", "all", "--out", str(out),
+                 "--overrides", "eval.fractions=[1.0]"]) == 0
+    both = json.loads((out / "metrics.json").read_text())
+    assert set(both) == {"run", "run2"}
+    assert both["run"]["zeroshot"]["mean"] != both["run2"]["zeroshot"]["mean"]  # two different models
+    table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert table[0] == "| metric | run | run2 |" and len(table) > 8
+    assert all(line.count("|") == 4 for line in table)  # every metric row has a cell per checkpoint
+    metrics = both["run"]
     skipped = metrics["meta"].get("skipped_tasks") or {}
     for task in TASKS:  # every task either ran or is listed with the reason it did not apply
         assert task in metrics or task in skipped, task

@@ -87,7 +87,8 @@ LABELED = "data.sources=[{split: pretrain, kind: paired, weight: 3}, {split: pre
 
 
 @pytest.mark.parametrize("recipe,extra", [("mpma", []), ("maskedclip", [MIXED]), ("mrm", [MIXED]),
-                                          ("mgca", []), ("medclip", [LABELED]), ("umcl", [LABELED]), ("mlip", [])])
+                                          ("mgca", []), ("medclip", [LABELED]), ("umcl", [LABELED]), ("mlip", []),
+                                          ("gloria", []), ("slip", []), ("unimlip", [])])
 def test_recipes_train_under_two_processes(recipe, extra, tiny_dataset, tmp_path):
     """2-process smoke test of each recipe's distributed path: every parameter takes part in every
     step on every rank (DDP raises otherwise), cross-rank gathers and all-reduces (CLIP terms,

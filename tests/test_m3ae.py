@@ -156,8 +156,9 @@ def test_pretrain_then_evaluate(tiny_dataset, tmp_path):
     assert set(m["meta"]["skipped_tasks"]) == {"zeroshot", "retrieval"} and len(m["linear_probe"]["fractions"]) == 3
 
 
-def test_vqa_features_are_the_fused_cls_pair_and_depend_on_both_inputs(tiny_dataset, tmp_path):
-    method, batch, _ = _method_and_batch(tiny_dataset, tmp_path)
+def check_fused_vqa_features(method, batch) -> torch.Tensor:
+    """The fusion models' VQA features (FusionHeads.vqa_features): the fused [CLS] pair, each half
+    depending on the other modality; returns them (eval mode, no gradient)."""
     method.eval()
     with torch.no_grad():
         feats = method.vqa_features(batch.images, batch.input_ids, batch.attention_mask)
@@ -168,3 +169,9 @@ def test_vqa_features_are_the_fused_cls_pair_and_depend_on_both_inputs(tiny_data
         assert not torch.allclose(flipped[:, width:], feats[:, width:])
         other_q = method.vqa_features(batch.images, batch.input_ids.flip(0), batch.attention_mask.flip(0))
         assert not torch.allclose(other_q[:, :width], feats[:, :width])
+    return feats
+
+
+def test_vqa_features_are_the_fused_cls_pair_and_depend_on_both_inputs(tiny_dataset, tmp_path):
+    method, batch, _ = _method_and_batch(tiny_dataset, tmp_path)
+    check_fused_vqa_features(method, batch)

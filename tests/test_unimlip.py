@@ -19,7 +19,7 @@ from medvlp.losses.selfsup import nt_xent
 from medvlp.methods.unimlip import augment_report, token_dropout_pool
 from medvlp.models.augment import feature_noise
 from tests.conftest import TINY
-from tests.test_m3ae import _one_batch
+from tests.test_m3ae import _one_batch, check_fused_vqa_features
 
 RECIPE = "configs/methods/unimlip.yaml"
 
@@ -264,16 +264,8 @@ def test_the_itc_sees_the_augmented_report_and_the_fusion_the_clean_one(tiny_dat
 def test_vqa_features_are_the_fused_cls_pair_and_depend_on_both_inputs(tiny_dataset, tmp_path):
     method, batch = _method_and_batch(tiny_dataset, tmp_path)
     assert callable(method.vqa_features)  # what medvlp.eval.vqa looks for to take the fused path
-    method.eval()
+    feats = check_fused_vqa_features(method, batch)
     with torch.no_grad():
-        feats = method.vqa_features(batch.images, batch.input_ids, batch.attention_mask)
-        width = method.image_to_fusion.out_features
-        assert feats.shape == (len(batch), 2 * width) and torch.isfinite(feats).all()
-        # the fused image half changes with the question and the question half with the image
-        flipped = method.vqa_features(batch.images.flip(0), batch.input_ids, batch.attention_mask)
-        assert not torch.allclose(flipped[:, width:], feats[:, width:])
-        other_q = method.vqa_features(batch.images, batch.input_ids.flip(0), batch.attention_mask.flip(0))
-        assert not torch.allclose(other_q[:, :width], feats[:, :width])
         # deterministic in eval mode (no augmentation on this path), and not a dual-feature fallback
         torch.testing.assert_close(method.vqa_features(batch.images, batch.input_ids, batch.attention_mask), feats)
     no_fusion, _ = _method_and_batch(tiny_dataset, tmp_path, "method.itm_weight=0", "method.mlm_weight=0")

@@ -162,3 +162,9 @@ def test_pretrain_then_evaluate(tiny_dataset, tmp_path, recipe):
     m = json.loads((out / "metrics.json").read_text())["run"]
     assert not m["meta"].get("skipped_tasks") and {"zeroshot", "retrieval", "linear_probe", "localization"} <= set(m)
     assert 0.0 <= m["localization"]["pointing_game"]["mean"] <= 1.0
+    # the word-level map (the token-patch attention the local terms train) and its table columns
+    from medvlp.bench import extract_metrics
+
+    flat = extract_metrics(m)
+    assert flat["pointing_game_words"] == m["localization"]["words"]["pointing_game"]["mean"]
+    assert 0.0 <= flat["iou_top10_words"] <= 1.0

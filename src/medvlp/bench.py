@@ -144,6 +144,7 @@ COLUMNS = [
     ("head_auroc", "head AUROC"),
     ("prompt_tuning_auroc@0.01", "prompt tuning AUROC 1 %"),
     ("pointing_game", "pointing game"), ("iou_top10", "top-10 % IoU"),
+    ("pointing_game_words", "pointing game, word map"), ("iou_top10_words", "top-10 % IoU, word map"),
     ("vqa_closed", "VQA acc closed"), ("vqa_open", "VQA acc open"),
     ("vqa_overall", "VQA acc"), ("vqa_question_only", "VQA acc, question only"),
     ("vqa_image_shuffled", "VQA acc, images shuffled"),
@@ -192,6 +193,9 @@ def extract_metrics(evaluation: dict) -> dict:
     if loc.get("pointing_game"):
         out["pointing_game"] = loc["pointing_game"].get("mean")
         out["iou_top10"] = (loc.get("iou_topk") or {}).get("mean")
+    if (loc.get("words") or {}).get("pointing_game"):
+        out["pointing_game_words"] = loc["words"]["pointing_game"].get("mean")
+        out["iou_top10_words"] = (loc["words"].get("iou_topk") or {}).get("mean")
     return out
 
 

@@ -21,6 +21,14 @@ falls in it (a dilation: thin lines and small nodules keep at least one patch). 
   of the image, no k suits every class; compare models against each other and against chance.
 
 Both are averaged per class and then over classes (``mean``), like zero-shot AUROC.
+
+A second, word-level map (``words``) is reported beside it when the model has
+``word_embeddings`` and the caller passes ``encode_words``: the token-patch attention that
+GLoRIA-style local alignment trains. Each word token ``w`` of a positive prompt (the prompt's own
+words: no template words, no special tokens) attends over the patches,
+``a_w = softmax_n(WORD_SHARPEN * cos(w, p_n))`` (GLoRIA's gamma_1 = 4), and the class map is the
+mean of ``a_w`` over each prompt's words, then over the class's prompts. Same pairs, metrics and
+chance levels as the sentence map.
 """
 from __future__ import annotations
 
@@ -40,6 +48,11 @@ from medvlp.data.transforms import _pad_square
 from medvlp.eval.zeroshot import class_prompt_embeddings
 
 TOP_FRACTION = 0.1
+WORD_SHARPEN = 4.0
+
+#: ``prompts -> one (n_words_i, D) tensor per prompt``: the L2-normalised embeddings of each
+#: prompt's own word tokens (see :func:`medvlp.eval.runner.make_word_encoder`)
+EncodeWords = Callable[[list[str]], list[torch.Tensor]]
 
 
 class LocalizationSkipped(Exception):
@@ -95,6 +108,55 @@ def chance_iou(n: int, mask_sizes: torch.Tensor, top_fraction: float = TOP_FRACT
     return (log_p.exp() * j / (k + m - j)).sum(1)
 
 
+def word_attention_maps(patches: torch.Tensor, words: torch.Tensor, weights: torch.Tensor,
+                        sharpen: float = WORD_SHARPEN) -> torch.Tensor:
+    """(B, N, D) patch and (T, D) word embeddings, (K, T) word weights -> (B, K, N) maps.
+
+    Each word's attention over the patches is ``softmax_n(sharpen * <word, patch_n>)``; class k's
+    map is ``sum_t weights[k, t] * attention_t`` (the weights of a class sum to 1, so a map is a
+    distribution over the patches)."""
+    attn = torch.softmax(sharpen * torch.einsum("bnd,td->btn", patches.float(), words.float()), dim=-1)
+    return torch.einsum("btn,kt->bkn", attn, weights.float())
+
+
+def class_word_weights(prompts_per_class: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Word counts of each class's prompts -> (K, T) weights over the concatenated words
+    (class by class, prompt by prompt): each prompt of a class counts equally, each word of a
+    prompt counts equally. A prompt without a word token counts as absent."""
+    total = sum(sum(counts) for counts in prompts_per_class)
+    weights = torch.zeros(len(prompts_per_class), total)
+    start = 0
+    for k, counts in enumerate(prompts_per_class):
+        used = [c for c in counts if c > 0]
+        for c in counts:
+            if c > 0:
+                weights[k, start:start + c] = 1.0 / (len(used) * c)
+            start += c
+    return weights
+
+
+def _word_table(encode_words: EncodeWords, scored: Sequence[str], prompts: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, D) word embeddings of every class's positive prompts and their (K, T) weights."""
+    words, counts = [], []
+    for c in scored:
+        per_prompt = encode_words(list(prompts[c]["positive"]))
+        words += per_prompt
+        counts.append([len(w) for w in per_prompt])
+    weights = class_word_weights(counts)
+    empty = [c for c, row in zip(scored, weights) if not bool(row.any())]
+    if empty:
+        raise LocalizationSkipped(f"no word token in the positive prompts of {', '.join(map(repr, empty))}")
+    return torch.cat(words), weights
+
+
+def _scores(heat: torch.Tensor, keep: torch.Tensor, inside: torch.Tensor, scored: Sequence[str],
+            top_fraction: float) -> dict:
+    h, m = heat[keep], inside[keep]
+    class_index = keep.nonzero()[:, 1]
+    return {"pointing_game": _summary(pointing_game(h, m), class_index, scored),
+            "iou_topk": _summary(topk_iou(h, m, top_fraction), class_index, scored)}
+
+
 def _read_masks(path, class_bits: Sequence[int]) -> np.ndarray:
     """(K, H, W) bool from a SynthCXR mask PNG (bit b of the 16-bit value = class with bit b).
 
@@ -115,8 +177,12 @@ def _summary(values: torch.Tensor, class_index: torch.Tensor, classes: Sequence[
 @torch.no_grad()
 def evaluate_localization(model, tokenizer, samples: Sequence[Sample], cfg, classes: Sequence[str],
                           encode_text: Callable[[list[str]], torch.Tensor], prompts: Mapping, dataset: str | Path, *,
-                          device: torch.device | str = "cpu", top_fraction: float = TOP_FRACTION) -> dict:
+                          device: torch.device | str = "cpu", top_fraction: float = TOP_FRACTION,
+                          encode_words: EncodeWords | None = None) -> dict:
     """Pointing game and IoU@top-k% of ``model`` on ``samples`` (see the module docstring).
+
+    With ``encode_words``, the word-level map's scores are added under ``"words"`` (or the
+    reason it could not be made under ``"words_skipped"``).
 
     Raises :class:`LocalizationSkipped` when the model has no patch embeddings or no sample
     has a usable mask.
@@ -133,13 +199,21 @@ def evaluate_localization(model, tokenizer, samples: Sequence[Sample], cfg, clas
     root = resolve_manifest(dataset).parent
     pos, _ = class_prompt_embeddings(encode_text, scored, {c: prompts[c] for c in scored})
     pos = pos.to(device)
+    word_table, words_skipped = None, None
+    if encode_words is not None:
+        try:
+            word_table = tuple(t.to(device) for t in _word_table(encode_words, scored, prompts))
+        except LocalizationSkipped as exc:
+            words_skipped = str(exc)
 
-    heats, ids = [], []
+    heats, word_heats, ids = [], [], []
     for batch in make_loader(chosen, cfg, tokenizer, classes, batch_size=cfg.eval.batch_size):
         patches = model.patch_embeddings(batch.images.to(device))
         if patches is None:
             raise LocalizationSkipped(f"{type(model).__name__}.patch_embeddings returns None (no patch-level shared space)")
         heats.append(torch.einsum("bnd,kd->bkn", patches.float(), pos.float()).cpu())
+        if word_table is not None:
+            word_heats.append(word_attention_maps(patches, *word_table).cpu())
         ids += list(batch.ids)
     heat = torch.cat(heats)  # (I, K, N)
     n = heat.shape[-1]
@@ -155,27 +229,35 @@ def evaluate_localization(model, tokenizer, samples: Sequence[Sample], cfg, clas
     keep = positive & inside.any(-1)  # (I, K): the (image, class) pairs scored
     if not bool(keep.any()):
         raise LocalizationSkipped("no positive class of a test image has mask pixels")
-    h, m = heat[keep], inside[keep]
+    m = inside[keep]
     class_index = keep.nonzero()[:, 1]
-    pointing, iou = pointing_game(h, m), topk_iou(h, m, top_fraction)
-    area = m.float().mean(1)
-    return {
-        "pointing_game": _summary(pointing, class_index, scored),
-        "iou_topk": _summary(iou, class_index, scored),
-        "chance": {"pointing_game": _summary(area, class_index, scored),
+    out = {
+        **_scores(heat, keep, inside, scored, top_fraction),
+        "chance": {"pointing_game": _summary(m.float().mean(1), class_index, scored),
                    "iou_topk": _summary(chance_iou(n, m.sum(1), top_fraction), class_index, scored)},
         "n_pairs": {c: int((class_index == k).sum()) for k, c in enumerate(scored) if bool((class_index == k).any())},
         "n_images": len(ids), "grid": grid, "top_fraction": top_fraction,
         "heat_map": "cosine(patch embedding, positive prompt ensemble)",
     }
+    if word_heats:
+        out["words"] = {**_scores(torch.cat(word_heats), keep, inside, scored, top_fraction),
+                        "heat_map": f"mean over the positive prompts' words of softmax_patches({WORD_SHARPEN:g} "
+                                    "cosine(word embedding, patch embedding))"}
+    elif words_skipped:
+        out["words_skipped"] = words_skipped
+    return out
 
 
 __all__ = [
     "TOP_FRACTION",
+    "WORD_SHARPEN",
+    "EncodeWords",
     "LocalizationSkipped",
     "chance_iou",
+    "class_word_weights",
     "evaluate_localization",
     "mask_to_patches",
     "pointing_game",
     "topk_iou",
+    "word_attention_maps",
 ]

@@ -133,6 +133,8 @@ def _rows(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str]
         f"({_num(m['localization']['chance']['pointing_game']['mean'])})")
     add("localisation: top-k IoU (chance)", lambda m: f"{_num(m['localization']['iou_topk']['mean'])} "
         f"({_num(m['localization']['chance']['iou_topk']['mean'])})")
+    add("localisation, word map: pointing game", lambda m: _num(m["localization"]["words"]["pointing_game"]["mean"]))
+    add("localisation, word map: top-k IoU", lambda m: _num(m["localization"]["words"]["iou_topk"]["mean"]))
     return rows
 
 

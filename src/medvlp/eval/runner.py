@@ -160,6 +160,42 @@ def make_text_encoder(model: nn.Module, tokenizer, cfg, device: torch.device | s
     return encode
 
 
+def _word_count(tokenizer, text: str, max_length: int) -> int:
+    if not text.strip():
+        return 0
+    word_ids = _encode_texts(tokenizer, [text], max_length)["word_ids"]
+    return int(word_ids.max()) + 1
+
+
+def make_word_encoder(model: nn.Module, tokenizer, cfg, device: torch.device | str = "cpu") -> Callable[[list[str]], list[torch.Tensor]]:
+    """``prompts -> [(n_words_i, D) normalised word-token embeddings]`` for the word-level
+    localisation map: each prompt is formatted with ``cfg.eval.prompt_template`` and encoded in
+    that context, like :func:`make_text_encoder`, but only the tokens of the prompt's own words
+    are kept (not the template's words, [CLS], [SEP] or padding)."""
+    template = cfg.eval.prompt_template
+    max_length = cfg.model.text.max_length
+    skip = _word_count(tokenizer, template.split("{}")[0], max_length)
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        step = max(1, cfg.eval.batch_size)
+        for start in range(0, len(texts), step):
+            chunk = list(texts[start : start + step])
+            enc = _encode_texts(tokenizer, [template.format(t) for t in chunk], max_length)
+            emb = model.word_embeddings(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+            if emb is None:
+                raise LocalizationSkipped(f"{type(model).__name__}.word_embeddings returns None (no word-level shared space)")
+            emb = emb.float().cpu()
+            for row, text in enumerate(chunk):
+                wid = enc["word_ids"][row]
+                own = (wid >= skip) & (wid < skip + _word_count(tokenizer, text, max_length))
+                out.append(emb[row][own])
+        return out
+
+    return encode
+
+
 def zero_shot_logit_scale(model: nn.Module) -> float:
     """exp(model.logit_scale) clamped to 100; 100 when the model has no logit scale."""
     param = getattr(model, "logit_scale", None)
@@ -315,9 +351,10 @@ def _evaluate_one(name: str, model: nn.Module, tokenizer, cfg, classes: list[str
     if "localization" in tasks:
         t0 = time.perf_counter()
         try:
-            out["localization"] = evaluate_localization(model, tokenizer, test, cfg, classes,
-                                                        make_text_encoder(model, tokenizer, cfg, device),
-                                                        prompt_table, dataset, device=device)
+            words = callable(getattr(model, "word_embeddings", None))
+            out["localization"] = evaluate_localization(
+                model, tokenizer, test, cfg, classes, make_text_encoder(model, tokenizer, cfg, device), prompt_table,
+                dataset, device=device, encode_words=make_word_encoder(model, tokenizer, cfg, device) if words else None)
         except LocalizationSkipped as exc:
             log.warning("%s: localization skipped: %s", name, exc)
             out["meta"].setdefault("skipped_tasks", {})["localization"] = str(exc)

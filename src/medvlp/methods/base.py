@@ -47,6 +47,12 @@ class Method(nn.Module):
         for localisation maps; None when the method has none (the localisation task skips it)."""
         return None
 
+    def word_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """(B, L, D) L2-normalised token embeddings in the shared space (every position, special
+        tokens and padding included; the caller picks the words), for the word-level localisation
+        maps; None when the method has none."""
+        return None
+
 
 
 class ImageOnlyMethod(Method):

@@ -70,6 +70,11 @@ class SharedSpace:
     def clamp_logit_scale(self) -> None:
         self.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
 
+    def word_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, D): the text projection on every last-layer token state, L2-normalised (the
+        space GLoRIA / MGCA / MLIP align words with patches in; for CLIP it is untrained there)."""
+        return F.normalize(self.text_proj(self.text(input_ids, attention_mask).tokens), dim=-1)
+
 
 def text_hashes(texts: list[str], device: torch.device) -> torch.Tensor:
     """A stable 63-bit hash per text (whitespace- and case-normalised), to find duplicates across ranks."""

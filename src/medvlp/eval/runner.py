@@ -187,10 +187,11 @@ def make_word_encoder(model: nn.Module, tokenizer, cfg, device: torch.device | s
             if emb is None:
                 raise LocalizationSkipped(f"{type(model).__name__}.word_embeddings returns None (no word-level shared space)")
             emb = emb.float().cpu()
-            for row, text in enumerate(chunk):
+            # each prompt's own word count, from one tokenisation of the bare prompts
+            counts = _encode_texts(tokenizer, chunk, max_length)["word_ids"].max(dim=1).values + 1
+            for row in range(len(chunk)):
                 wid = enc["word_ids"][row]
-                own = (wid >= skip) & (wid < skip + _word_count(tokenizer, text, max_length))
-                out.append(emb[row][own])
+                out.append(emb[row][(wid >= skip) & (wid < skip + counts[row])])
         return out
 
     return encode

@@ -57,3 +57,23 @@ def test_synth_writes_a_dataset_and_reports_its_version(tmp_path, capsys):
     assert any((out / "masks").rglob("*.png"))
     assert main(["synth", "--out", str(out), "--subjects", "0", "--no-progress"]) == 2
     assert "synth subjects: got 0" in capsys.readouterr().err
+
+
+def test_compared_checkpoints_must_share_the_evaluation_inputs():
+    """Checkpoints evaluated side by side get the first one's preprocessing: a second one with a
+    different normalisation or patch size is refused with the field and both paths named."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from medvlp.cli import check_comparable
+    from medvlp.config import load_config
+    from medvlp.errors import ConfigError
+
+    def bundle(name, *overrides):
+        return SimpleNamespace(cfg=load_config("configs/methods/clip.yaml", list(overrides)), path=Path(name))
+
+    check_comparable([bundle("a"), bundle("b", "train.lr=1e-3", "method.name=clip")])  # training-only differences pass
+    with pytest.raises(ConfigError, match=r"data\.mean: a has 0\.5 but b has 0\.4"):
+        check_comparable([bundle("a"), bundle("b", "data.mean=0.4")])
+    with pytest.raises(ConfigError, match=r"model\.vision\.patch_size: .* c has 4; .*evaluate them separately"):
+        check_comparable([bundle("a"), bundle("b"), bundle("c", "model.vision.patch_size=4")])

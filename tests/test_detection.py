@@ -111,3 +111,23 @@ def test_tiny_clip_end_to_end(tiny_dataset, tmp_path):
     for f in res["fractions"].values():
         assert 0.0 <= f["map_50_95"] <= f["map_50"] <= 1.0 and f["sd"] >= 0.0 and len(f["n_train"]) == 2
         assert all(0.0 <= v <= 1.0 for v in f["per_class"].values())
+
+
+def test_a_class_without_training_boxes_is_not_scored(tiny_dataset, tmp_path):
+    """A class boxed only in the test split cannot be learnt: it is listed as unscored instead of
+    adding an AP of ~0 that depends on the test split alone."""
+    from dataclasses import replace
+
+    cfg, classes, tok, train, test = _setup(tiny_dataset, tmp_path)
+    grid = cfg.model.vision.image_size // cfg.model.vision.patch_size
+    const = _Model(lambda images: torch.ones(len(images), grid * grid, 8))
+    full = evaluate_detection(const, tok, train, test, cfg, classes, fractions=(1.0,))
+    gone = full["classes"][0]
+    stripped = [replace(s, meta={**s.meta, "findings": [f for f in s.meta["findings"] if f.get("name") != gone]})
+                for s in train]
+    res = evaluate_detection(const, tok, stripped, test, cfg, classes, fractions=(1.0,))
+    # the tiny fixture's training pool already lacks some classes' boxes: those were never scored
+    assert not set(full["unscored_test_only"]) & set(full["classes"])
+    assert res["unscored_test_only"] == [c for c in classes if c in {gone, *full["unscored_test_only"]}]
+    assert res["classes"] == full["classes"][1:] and gone not in res["fractions"]["1"]["per_class"]
+    assert set(full["fractions"]["1"]["per_class"]) <= set(full["classes"])  # classes with test boxes

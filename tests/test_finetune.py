@@ -11,6 +11,7 @@ from medvlp.config import VisionConfig, load_config
 from medvlp.data.manifest import read_info, read_manifest
 from medvlp.data.sample import NEGATIVE, POSITIVE
 from medvlp.data.tokenize import train_wordpiece
+from medvlp.errors import EvaluationError
 from medvlp.eval.finetune import (
     FinetuneClassifier,
     evaluate_finetune,
@@ -116,7 +117,7 @@ def test_fractions_come_from_the_probe_split_files(tiny_dataset, tmp_path):
     train, test = read_manifest(tiny_dataset, ["pretrain"]), read_manifest(tiny_dataset, ["test"])
     tok = train_wordpiece([s.text() for s in train], 300)
     ids = [s.id for s in train]
-    write_splits(tmp_path, 0, {0.25: ids[:5], 1.0: ids}, 1)  # unlike any fresh 25 % subset (>= 10 samples)
+    write_splits(tmp_path, 0, {0.25: ids[:5], 1.0: ids}, cfg.eval.min_positives)  # unlike any fresh 25 % subset
     res = evaluate_finetune(build_method(cfg, tok), train, test, cfg, classes, fractions=(0.25, 1.0), epochs=1,
                             seeds=(0, 1), tokenizer=tok, out_dir=tmp_path)
     codes = np.array([s.label_vector(classes) for s in train])
@@ -125,10 +126,14 @@ def test_fractions_come_from_the_probe_split_files(tiny_dataset, tmp_path):
     written = json.loads((tmp_path / "splits" / "probe_seed1.json").read_text())["fractions"]
     assert written["0.25"] == [ids[i] for i in fresh[0.25]]
 
+    # a split file made under another min_positives is refused, not silently reused
+    write_splits(tmp_path, 0, {0.25: ids[:5], 1.0: ids}, cfg.eval.min_positives + 1)
+    with pytest.raises(EvaluationError, match=r"probe_seed0\.json: made with eval\.min_positives=.*fresh --out"):
+        evaluate_finetune(build_method(cfg, tok), train, test, cfg, classes, fractions=(0.25, 1.0), epochs=1,
+                          seeds=(0,), tokenizer=tok, out_dir=tmp_path)
+
 
 def test_model_without_vision_tower_is_refused(tiny_dataset, tmp_path):
-    from medvlp.errors import EvaluationError
-
     cfg = load_config("configs/methods/clip.yaml", [*TINY, f"data.manifest={tiny_dataset}"])
     with pytest.raises(EvaluationError, match="no image encoder"):
         evaluate_finetune(torch.nn.Linear(2, 2), [], [], cfg, ["a"])

@@ -37,8 +37,11 @@ def _dense_task(key: str, base: float) -> dict:
         entry = {key: base + 0.1 * i, "sd": 0.02, "per_class": {}, "n_train": [5, 5]}
         if key == "map_50":
             entry.update(map_50_95=base / 2 + 0.05 * i, map_50_95_sd=0.01, per_class_50_95={})
+        else:
+            entry.update(dice_large=base + 0.2 + 0.1 * i, sd_large=0.04)
         fractions[fk] = entry
-    return {"fractions": fractions, "classes": ["Nodule"], "seeds": [0, 1]}
+    extra = {"unscored_test_only": ["Fracture"]} if key == "map_50" else {"large_classes": ["Cardiomegaly"]}
+    return {"fractions": fractions, "classes": ["Nodule"], "seeds": [0, 1], **extra}
 
 
 def _vqa() -> dict:
@@ -123,6 +126,9 @@ def test_report_embeds_plots_and_has_a_row_per_task(tmp_path):
         assert row in table, row
     assert "0.300 ± 0.020" in table  # segmentation Dice @1 % with its sd over seeds
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
+    assert rows["segmentation Dice, large classes @1%"].split(" | ")[1] == "0.500 ± 0.040"
+    assert "detection: classes with test boxes but no training box, not scored: Fracture" in report
+    assert "segmentation: large classes (median mask at least one patch): Cardiomegaly" in report
     assert rows["prompt tuning AUROC @1%"].endswith("| skipped |")  # mae: skipped, said so in its cell
     assert rows["fine-tuning AUROC @1%"].endswith("|  |")  # mae: not run, not skipped: empty
     assert "mae: zeroshot skipped (image-only model (no text encoder))" in report

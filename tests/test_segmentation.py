@@ -2,6 +2,7 @@
 tokens that encode the masks score high, and the task end to end with a tiny CLIP."""
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -142,3 +143,48 @@ def test_tiny_clip_end_to_end(tiny_dataset, tmp_path):
         assert f["dice_large"] is None or 0.0 <= f["dice_large"] <= 1.0
     assert set(res["large_classes"]) <= set(res["classes"]) and res["protocol"]["steps"] > 0
     assert np.isfinite(res["fractions"]["1"]["dice"])
+
+
+def test_standardise_uses_training_statistics_and_survives_one_row():
+    """Features are scaled by the training rows' mean and std (by hand), also for (B, N, D) patch
+    tokens; a single training row (one VQA question, one training image) is centred, not NaN."""
+    from medvlp.eval.segmentation import standardise
+
+    train = torch.tensor([[1.0, 10.0], [3.0, 10.0]])
+    test = torch.tensor([[2.0, 12.0]])
+    tr, te = standardise(train, test)
+    sd = math.sqrt(2.0)  # unbiased std of (1, 3); the constant channel's std is floored at 1e-6
+    assert torch.allclose(tr[:, 0], torch.tensor([-1 / sd, 1 / sd])) and torch.equal(tr[:, 1], torch.zeros(2))
+    assert torch.allclose(te, torch.tensor([[0.0, 2.0 / 1e-6]]))
+    tokens = torch.arange(12.0).reshape(2, 3, 2)  # (B, N, D): statistics over every (image, patch) row
+    flat = tokens.reshape(-1, 2)
+    assert torch.allclose(standardise(tokens)[0], ((flat - flat.mean(0)) / flat.std(0)).reshape(2, 3, 2))
+    one, other = standardise(torch.tensor([[4.0, -1.0]]), torch.tensor([[5.0, 1.0]]))
+    assert torch.equal(one, torch.zeros(1, 2)) and torch.equal(other, torch.tensor([[1.0, 2.0]]))
+
+
+def test_a_missing_or_corrupt_mask_names_the_sample_and_file(tmp_path):
+    """The dense tasks read one mask PNG per image: a missing or corrupt one is a DataError naming
+    the sample and the file, not a PIL traceback."""
+    from medvlp.data.sample import Sample
+    from medvlp.errors import DataError
+    from medvlp.eval.segmentation import mask_targets
+
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    for name, msg in (("bad.png", "cannot be read"), ("gone.png", "cannot be read")):
+        s = Sample(id="s7", subject_id="p1", study_id="t1", split="test", meta={"mask": name})
+        with pytest.raises(DataError, match=rf"sample s7: mask .*{name}: {msg}.*medvlp synth"):
+            mask_targets([s], tmp_path, ["Nodule"], 8)
+
+
+def test_thresholded_targets_equal_thresholding_the_soft_ones(tiny_dataset):
+    """The test truth is thresholded image by image (bool, a quarter of float32's memory) and is
+    exactly the soft area fractions thresholded afterwards."""
+    from medvlp.data.synth.generator import CLASSES as MASK_CLASSES
+    from medvlp.eval.segmentation import mask_targets
+
+    samples = [s for s in read_manifest(tiny_dataset, ["test"]) if s.meta.get("mask")]
+    classes = [c for c in MASK_CLASSES if c != "No Finding"]
+    soft = mask_targets(samples, tiny_dataset, classes, 24)
+    hard = mask_targets(samples, tiny_dataset, classes, 24, at_least=0.5)
+    assert hard.dtype == torch.bool and torch.equal(hard, soft >= 0.5) and 0 < int(hard.sum()) < hard.numel()

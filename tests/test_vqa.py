@@ -150,3 +150,23 @@ def test_evaluate_cli_runs_vqa_finetune_and_segmentation(tiny_dataset, tmp_path)
     report = (out / "report.md").read_text()
     assert "VQA overall accuracy" in report and "fine-tuning AUROC @100%" in report and "segmentation Dice" in report
     assert "detection mAP@0.5 @100%" in report
+
+
+def test_malformed_pairs_name_the_sample_and_field():
+    """A pair without an answer or with an unknown type is a DataError naming the sample and the
+    field (not a KeyError deep in the task); the kind may be absent."""
+    from medvlp.data.sample import Sample
+    from medvlp.errors import DataError
+    from medvlp.eval.vqa import vqa_pairs_of
+
+    def sample(*pairs):
+        return Sample(id="s3", subject_id="p", study_id="t", split="test", meta={"vqa": list(pairs)})
+
+    ok = {"question": "is there a nodule?", "answer": "yes", "type": "closed"}
+    assert vqa_pairs_of([sample(), sample(ok, {**ok, "kind": "presence"})]) == [(1, ok), (1, {**ok, "kind": "presence"})]
+    with pytest.raises(DataError, match=r"sample s3: meta\.vqa pair .* lacks a non-empty string answer"):
+        vqa_pairs_of([sample({"question": "q", "type": "open"})])
+    with pytest.raises(DataError, match=r"sample s3: .*lacks a non-empty string question, answer, type"):
+        vqa_pairs_of([sample("yes")])
+    with pytest.raises(DataError, match=r"sample s3: meta\.vqa pair type 'Closed' is not closed or open"):
+        vqa_pairs_of([sample({**ok, "type": "Closed"})])

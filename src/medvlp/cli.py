@@ -169,6 +169,35 @@ def expand_tasks(tasks: str | None, all_tasks: bool = False) -> list[str] | None
     return list(dict.fromkeys(names))
 
 
+# Fields the evaluation takes from the first checkpoint's config and applies to every compared model:
+# image preprocessing, the patch grid (segmentation / detection) and the text length (prompts, VQA).
+SHARED_EVAL_FIELDS = ("model.vision.image_size", "model.vision.patch_size", "model.vision.in_chans",
+                      "model.text.max_length", "data.mean", "data.std", "data.pad_to_square", "data.sections")
+
+
+def check_comparable(bundles) -> None:
+    """Raise a ConfigError when checkpoints evaluated side by side disagree on a field the evaluation
+    applies to all of them (:data:`SHARED_EVAL_FIELDS`): one model would be fed data it was not
+    trained on, silently."""
+    from medvlp.config import to_dict
+    from medvlp.errors import ConfigError
+
+    def get(raw: dict, dotted: str):
+        for part in dotted.split("."):
+            raw = raw.get(part) if isinstance(raw, dict) else None
+        return raw
+
+    ref = to_dict(bundles[0].cfg)
+    for b in bundles[1:]:
+        raw = to_dict(b.cfg)
+        for key in SHARED_EVAL_FIELDS:
+            if get(raw, key) != get(ref, key):
+                raise ConfigError(f"{key}: {bundles[0].path} has {get(ref, key)!r} but {b.path} has {get(raw, key)!r}; "
+                                  "checkpoints compared in one `medvlp evaluate` call are fed the same images and "
+                                  "reports, so evaluate them separately (one --out each) and compare the metrics.json "
+                                  "files, or retrain with matching settings")
+
+
 def cmd_evaluate(args) -> int:
     from medvlp.config import apply_overrides, build_config, to_dict
     from medvlp.eval.report import format_table
@@ -176,6 +205,7 @@ def cmd_evaluate(args) -> int:
     from medvlp.hub import load_bundle
 
     bundles = [load_bundle(p, device=args.device) for p in args.checkpoints]
+    check_comparable(bundles)
     first = bundles[0]
     raw = to_dict(first.cfg)
     overrides = list(args.overrides)

@@ -232,17 +232,24 @@ def evaluate_detection(model, tokenizer, train_samples: Sequence[Sample], test_s
         train_samples / test_samples: the training pool and the test split; samples without
             ``meta["findings"]`` are ignored, those with findings but no box are negatives.
         cfg: the run's config (preprocessing, ``eval.batch_size``).
-        classes: the dataset's classes; those with a box in either split are scored.
+        classes: the dataset's classes; those with a box in the training pool are scored (those
+            with test boxes only are listed in ``unscored_test_only``).
     Returns ``{"fractions": {"0.01": {"map_50", "map_50_95", "sd", "per_class", "n_train"}, ...},
-    "classes", "grid", "n_test", "n_train_pool", "seeds", "protocol"}``; ``per_class`` holds AP@0.5
+    "classes", "unscored_test_only", "grid", "n_test", "n_train_pool", "seeds", "protocol"}``; ``per_class`` holds AP@0.5
     (``sd`` is over seeds of ``map_50``; ``map_50_95_sd`` and ``per_class_50_95`` give the rest).
     Raises :class:`DenseTaskSkipped` when it does not apply.
     """
     pad = cfg.data.pad_to_square
     train = [s for s in train_samples if isinstance(s.meta.get("findings"), list)]
     test = [s for s in test_samples if isinstance(s.meta.get("findings"), list)]
-    boxed = {f["name"] for s in [*train, *test] for f in s.meta["findings"] if f.get("bbox") is not None}
-    scored = [c for c in classes if c in boxed]
+    def boxed(samples):
+        return {f.get("name") for s in samples for f in s.meta["findings"] if f.get("bbox") is not None}
+
+    # a class is scored only if the head can learn it: one with test boxes but no training box would
+    # add an AP of ~0 that depends on the test split alone; it is listed as unscored instead
+    train_boxed, test_boxed = boxed(train), boxed(test)
+    scored = [c for c in classes if c in train_boxed]
+    test_only = [c for c in classes if c in test_boxed and c not in train_boxed]
     n_train_boxes = sum(f.get("bbox") is not None and f.get("name") in scored for s in train for f in s.meta["findings"])
     n_test_boxes = sum(f.get("bbox") is not None and f.get("name") in scored for s in test for f in s.meta["findings"])
     if not scored or not n_train_boxes or not n_test_boxes:
@@ -275,7 +282,7 @@ def evaluate_detection(model, tokenizer, train_samples: Sequence[Sample], test_s
         entry.update(map_50_95=other[key]["map_50"], map_50_95_sd=other[key]["sd"],
                      per_class_50_95=other[key]["per_class"])
     return {
-        "fractions": out, "classes": scored, "grid": grid, "n_test": len(test), "n_train_pool": len(train),
+        "fractions": out, "classes": scored, "unscored_test_only": test_only, "grid": grid, "n_test": len(test), "n_train_pool": len(train),
         "seeds": list(seeds),
         "protocol": {"head": "linear per patch -> per class objectness + (dx, dy, log w, log h)",
                      "target": "patch containing the box centre", "loss": f"BCE (pos_weight {POS_WEIGHT}) + L1",

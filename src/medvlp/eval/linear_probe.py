@@ -140,7 +140,12 @@ def probe_split_indices(train_ids: Sequence[str], codes: np.ndarray, fractions: 
     Returns (indices per fraction, the split file's path or None without ``out_dir``)."""
     path = Path(out_dir) / "splits" / f"probe_seed{seed}.json" if out_dir is not None else None
     if path is not None and path.is_file():
-        saved = json.loads(path.read_text())["fractions"]
+        payload = json.loads(path.read_text())
+        saved = payload["fractions"]
+        if payload.get("min_positives", min_positives) != min_positives:
+            raise EvaluationError(f"{path}: made with eval.min_positives={payload['min_positives']}, this run uses "
+                                  f"{min_positives}; its subsets would not be this run's. Use a fresh --out folder, "
+                                  "or delete the splits folder to make new ones")
         if all(fraction_key(f) in saved for f in fractions):
             row = {sid: i for i, sid in enumerate(train_ids)}
             try:

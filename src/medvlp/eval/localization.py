@@ -45,6 +45,7 @@ from medvlp.data.manifest import resolve_manifest
 from medvlp.data.sample import POSITIVE, Sample
 from medvlp.data.shard_access import mask_source
 from medvlp.data.transforms import _pad_square
+from medvlp.errors import DataError
 from medvlp.eval.zeroshot import class_prompt_embeddings
 
 TOP_FRACTION = 0.1
@@ -160,9 +161,30 @@ def _scores(heat: torch.Tensor, keep: torch.Tensor, inside: torch.Tensor, scored
 def _read_masks(path, class_bits: Sequence[int]) -> np.ndarray:
     """(K, H, W) bool from a SynthCXR mask PNG (bit b of the 16-bit value = class with bit b).
 
-    ``path``: a file path or a file-like object (:func:`medvlp.data.shard_access.mask_source`)."""
-    bits = np.asarray(Image.open(path)).astype(np.int64)
+    ``path``: a file path or a file-like object (:func:`medvlp.data.shard_access.mask_source`).
+    A missing or unreadable file raises :class:`DataError` naming it."""
+    try:
+        with Image.open(path) as im:
+            bits = np.asarray(im).astype(np.int64)
+    except (OSError, ValueError) as exc:  # missing file, truncated or not an image
+        raise DataError(f"mask {_mask_name(path)}: cannot be read ({exc}); regenerate the dataset (medvlp synth) "
+                        "or drop the row's meta.mask so that the dense tasks skip it") from None
+    if bits.ndim != 2:
+        raise DataError(f"mask {_mask_name(path)}: expected a one-channel bit-mask PNG, got shape {bits.shape}")
     return ((bits[None] >> np.asarray(class_bits)[:, None, None]) & 1).astype(bool)
+
+
+def _mask_name(path) -> str:
+    return str(path) if isinstance(path, (str, Path)) else "(a shard member)"
+
+
+def read_sample_masks(sample: Sample, root, class_bits: Sequence[int]) -> np.ndarray:
+    """:func:`_read_masks` of ``sample``'s ``meta["mask"]`` (file or shard member); a
+    :class:`DataError` names the sample."""
+    try:
+        return _read_masks(mask_source(sample, root), class_bits)
+    except DataError as exc:
+        raise DataError(f"sample {sample.id}: {exc}") from None
 
 
 def _summary(values: torch.Tensor, class_index: torch.Tensor, classes: Sequence[str]) -> dict:
@@ -223,7 +245,7 @@ def evaluate_localization(model, tokenizer, samples: Sequence[Sample], cfg, clas
 
     by_id = {s.id: s for s in chosen}
     bits = [MASK_CLASSES.index(c) for c in scored]
-    inside = torch.stack([mask_to_patches(_read_masks(mask_source(by_id[i], root), bits), grid,
+    inside = torch.stack([mask_to_patches(read_sample_masks(by_id[i], root, bits), grid,
                                           cfg.data.pad_to_square) for i in ids])  # (I, K, N)
     positive = torch.tensor([[by_id[i].labels.get(c) == POSITIVE for c in scored] for i in ids])
     keep = positive & inside.any(-1)  # (I, K): the (image, class) pairs scored

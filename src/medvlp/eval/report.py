@@ -121,6 +121,7 @@ def _rows(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str]
             f"{_num(m['vqa']['image_shuffled'][k]['mean'])})")
     for task, title, key, sd_key in (("finetune", "fine-tuning AUROC", "mean", "sd"),
                                      ("segmentation", "segmentation Dice", "dice", "sd"),
+                                     ("segmentation", "segmentation Dice, large classes", "dice_large", "sd_large"),
                                      ("detection", "detection mAP@0.5", "map_50", "sd"),
                                      ("detection", "detection mAP@[.5:.95]", "map_50_95", "map_50_95_sd")):
         keys: list[str] = []
@@ -158,6 +159,14 @@ def _notes(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
                 f"- {name}: zero-shot AUROC undefined (only one label value in the test set, "
                 f"excluded from the mean) for: {', '.join(undefined)}"
             )
+        test_only = (metrics.get("detection") or {}).get("unscored_test_only") or []
+        if test_only:
+            notes.append(f"- {name}: detection: classes with test boxes but no training box, not scored: "
+                         f"{', '.join(test_only)}")
+        large = (metrics.get("segmentation") or {}).get("large_classes")
+        if large is not None:
+            notes.append(f"- {name}: segmentation: large classes (median mask at least one patch): "
+                         f"{', '.join(large) if large else 'none'}")
         for key, entry in ((metrics.get("linear_probe") or {}).get("fractions") or {}).items():
             if entry.get("degenerate_classes"):
                 notes.append(

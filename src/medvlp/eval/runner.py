@@ -3,7 +3,8 @@
 :func:`evaluate_models` reads a prepared dataset, checks that the test subjects are
 disjoint from pre-training (and from the probe's training split), embeds each split
 once per model, runs the tasks of ``cfg.eval.tasks`` (zeroshot, retrieval,
-linear_probe, localization) and writes the report (:mod:`medvlp.eval.report`).
+linear_probe, localization, prompt_tuning, vqa, finetune, segmentation, detection)
+and writes the report (:mod:`medvlp.eval.report`).
 
 A model is a :class:`~medvlp.methods.base.Method` providing ``encode_image(images)``
 and ``encode_text(input_ids, attention_mask)`` (L2-normalised, shared space),

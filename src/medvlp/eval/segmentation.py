@@ -41,10 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvlp.data.sample import Sample
-from medvlp.data.shard_access import mask_source
 from medvlp.eval.dense_metrics import dice_from_stats, dice_per_class, dice_stats
 from medvlp.eval.linear_probe import fraction_indices, fraction_key
-from medvlp.eval.localization import _read_masks
+from medvlp.eval.localization import read_sample_masks
 
 MAX_SUB = 4         # sub-patch resolution: min(patch_size, MAX_SUB) squared logits per patch and class
 HIDDEN = 128        # channels of the decoder's 3x3 convolution over the token grid
@@ -107,17 +106,19 @@ def pad_square_batch(x: torch.Tensor) -> torch.Tensor:
 
 
 def mask_targets(samples: Sequence[Sample], root: Path, classes: Sequence[str], size: int,
-                 pad_to_square: bool = True) -> torch.Tensor:
-    """(I, K, size, size) float in [0, 1]: each class's mask area fraction per output pixel."""
+                 pad_to_square: bool = True, at_least: float | None = None) -> torch.Tensor:
+    """(I, K, size, size) float in [0, 1]: each class's mask area fraction per output pixel; with
+    ``at_least``, bool (fraction >= at_least), thresholded image by image (1 byte a pixel held)."""
     from medvlp.data.synth.generator import CLASSES as MASK_CLASSES
 
     bits = [MASK_CLASSES.index(c) for c in classes]
     out = []
     for s in samples:  # one file (or shard member) per image: the loop is over reads
-        m = torch.from_numpy(_read_masks(mask_source(s, root), bits).astype(np.float32))
+        m = torch.from_numpy(read_sample_masks(s, root, bits).astype(np.float32))
         if pad_to_square:
             m = pad_square_batch(m)
-        out.append(F.adaptive_avg_pool2d(m[None], size)[0])
+        pooled = F.adaptive_avg_pool2d(m[None], size)[0]
+        out.append(pooled if at_least is None else pooled >= at_least)
     return torch.stack(out)
 
 
@@ -280,7 +281,7 @@ def evaluate_segmentation(model, tokenizer, train_samples: Sequence[Sample], tes
     pad = cfg.data.pad_to_square
     sub = min(cfg.model.vision.patch_size, MAX_SUB)
     train_t = (mask_targets(train, root, scored, sub * grid, pad) * 255).round().to(torch.uint8)  # 1 byte a pixel
-    test_truth = mask_targets(test, root, scored, cfg.model.vision.image_size, pad) >= 0.5
+    test_truth = mask_targets(test, root, scored, cfg.model.vision.image_size, pad, at_least=0.5)
 
     large = large_classes(train_t, scored, sub)
 

@@ -47,6 +47,7 @@ from torch import nn
 
 from medvlp.data.sample import Sample
 from medvlp.errors import DataError, EvaluationError
+from medvlp.eval.segmentation import standardise
 
 HIDDEN = 256
 EPOCHS = 40
@@ -59,9 +60,24 @@ PATCH_MEAN = True
 _WORD = re.compile(r"[a-z0-9]+")
 
 
+PAIR_KEYS = ("question", "answer", "type")  # ``kind`` (the per-kind breakdown) may be empty or absent
+PAIR_TYPES = ("closed", "open")
+
+
 def vqa_pairs_of(samples: Sequence[Sample]) -> list[tuple[int, dict]]:
-    """(sample index, pair) for every VQA pair of ``samples`` (``meta["vqa"]``)."""
-    return [(i, q) for i, s in enumerate(samples) for q in s.meta.get("vqa", []) or []]
+    """(sample index, pair) for every VQA pair of ``samples`` (``meta["vqa"]``); a malformed pair
+    raises :class:`DataError` naming the sample and the field."""
+    pairs = []
+    for i, s in enumerate(samples):
+        for q in s.meta.get("vqa", []) or []:
+            missing = [k for k in PAIR_KEYS if not isinstance(q, dict) or not isinstance(q.get(k), str) or not q[k]]
+            if missing:
+                raise DataError(f"sample {s.id}: meta.vqa pair {q!r} lacks a non-empty string {', '.join(missing)}; "
+                                f"each pair needs {', '.join(PAIR_KEYS)} (type closed or open) and may name a kind")
+            if q["type"] not in PAIR_TYPES:
+                raise DataError(f"sample {s.id}: meta.vqa pair type {q['type']!r} is not closed or open")
+            pairs.append((i, q))
+    return pairs
 
 
 def _load_images(samples: Sequence[Sample], cfg, tokenizer) -> tuple[list[str], torch.Tensor]:
@@ -139,11 +155,6 @@ def fused_feature_table(model, tokenizer, images: torch.Tensor, image_index: tor
         out.append(model.vqa_features(images[image_index[sl]].to(device), enc["input_ids"][q].to(device),
                                       enc["attention_mask"][q].to(device)).float().cpu())
     return torch.cat(out)
-
-
-def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    mean, std = train.mean(0, keepdim=True), train.std(0, keepdim=True).clamp(min=1e-6)
-    return [(t - mean) / std for t in (train, *others)]
 
 
 class VqaHead(nn.Module):
@@ -256,7 +267,7 @@ def evaluate_vqa(model, tokenizer, train_samples: Sequence[Sample], test_samples
             img = torch.tensor([r for r, _ in pairs], dtype=torch.long)
             qid = torch.tensor([question_id[q["question"]] for _, q in pairs], dtype=torch.long)
             target = torch.tensor([answer_id.get(q["answer"], -1) for _, q in pairs], dtype=torch.long)
-            return img, qid, target, np.array([q["type"] for _, q in pairs]), np.array([q["kind"] for _, q in pairs])
+            return img, qid, target, np.array([q["type"] for _, q in pairs]), np.array([q.get("kind") or "" for _, q in pairs])
 
         tr_img, tr_q, tr_y, _, _ = index(train_pairs)
         te_img, te_q, te_y, te_types, te_kinds = index(test_pairs)
@@ -266,14 +277,14 @@ def evaluate_vqa(model, tokenizer, train_samples: Sequence[Sample], test_samples
         q_table = question_feature_table(model, tokenizer, questions, cfg, source, train_questions, device)
         learn_q = source == "bag_of_words"
         if not learn_q:
-            q_table = _standardise(q_table[torch.unique(tr_q)], q_table)[1]
+            q_table = standardise(q_table[torch.unique(tr_q)], q_table)[1]
         fused = callable(getattr(model, "vqa_features", None)) and tokenizer is not None
         batch = cfg.eval.batch_size
         if fused:
             tr_x = fused_feature_table(model, tokenizer, train_images, tr_img, questions, tr_q, cfg, device)
             te_x = fused_feature_table(model, tokenizer, test_images, te_img, questions, te_q, cfg, device)
         else:
-            train_feats, test_feats = _standardise(image_feature_table(model, train_images, batch, device),
+            train_feats, test_feats = standardise(image_feature_table(model, train_images, batch, device),
                                                    image_feature_table(model, test_images, batch, device))
 
         results: dict[str, list[dict]] = {"model": [], "question_only": [], "image_shuffled": []}
@@ -282,7 +293,7 @@ def evaluate_vqa(model, tokenizer, train_samples: Sequence[Sample], test_samples
             perm = te_img[torch.randperm(len(te_img), generator=torch.Generator().manual_seed(10_000 + seed))]
             if fused:
                 shuffled_x = fused_feature_table(model, tokenizer, test_images, perm, questions, te_q, cfg, device)
-                tr_x_s, te_x_s, shuffled_x = _standardise(tr_x, te_x, shuffled_x)
+                tr_x_s, te_x_s, shuffled_x = standardise(tr_x, te_x, shuffled_x)
             else:
                 tr_x_s, te_x_s, shuffled_x = train_feats[tr_img], test_feats[te_img], test_feats[perm]
             head = train_head(VqaHead(tr_x_s.shape[1], q_table, len(answers), learn_q), tr_x_s, tr_q, tr_y, seed)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
 from medvlp.data.masking import IGNORE
 from medvlp.data.tokenize import train_wordpiece
+from medvlp.errors import ConfigError
 from medvlp.models.decoder import MaskedTokenDecoder
 from medvlp.models.heads import ItmHead, MlmHead, MlmSpec, masked_lm_loss
 from medvlp.models.vit import random_masking
@@ -81,3 +83,22 @@ def test_decoder_puts_visible_tokens_back_in_place():
     hidden = out[mask == 1]
     pos_free = hidden - dec.head(dec.norm(dec.pos.expand(2, -1, -1)[mask == 1] + dec.mask_token[0]))
     assert pos_free.abs().max() < 1e-5
+
+
+def test_replacement_ids_are_the_longest_run_without_special_tokens():
+    """BERT-style vocabularies (specials first, or [PAD] 0 and [UNK]..[MASK] 100-103) draw random
+    replacements after the last special; a RoBERTa-style one (``<mask>`` the last id) between its
+    leading specials and ``<mask>`` instead of failing on an empty range."""
+    from medvlp.models.heads import ordinary_range
+
+    assert ordinary_range([0, 1, 2, 3, 4], 4000) == (5, 4000)  # medvlp's WordPiece
+    assert ordinary_range([0, 100, 101, 102, 103], 30522) == (104, 30522)  # bert-base-uncased
+    assert ordinary_range([0, 1, 2, 3, 50264], 50265) == (4, 50264)  # roberta-base
+    with pytest.raises(ConfigError, match="all special tokens"):
+        ordinary_range([0, 1], 2)
+    spec = MlmSpec(mask_id=9, vocab_size=10, first_ordinary_id=4, ordinary_end=9)
+    ids = torch.full((64, 8), 5)
+    words = torch.arange(8).expand(64, 8)
+    masked, _ = spec.mask(ids, words, prob=1.0, generator=torch.Generator().manual_seed(0))
+    replaced = masked[(masked != 9) & (masked != 5)]
+    assert len(replaced) > 10 and int(replaced.min()) >= 4 and int(replaced.max()) <= 8  # never <mask> (9)

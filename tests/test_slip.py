@@ -53,6 +53,13 @@ def test_views_are_seeded_mild_and_flip_free_by_default():
     assert 0 < int(left_bright.sum()) < 16
     plain = random_view(img, ViewConfig(**OFF), generator=torch.Generator().manual_seed(1))
     assert bool((plain[..., :8].mean((1, 2, 3)) > plain[..., -8:].mean((1, 2, 3))).all())
+    # a grey image copied to 3 channels stays grey: every channel gets the same noise, and a
+    # 1-channel view draws the same noise as before channels shared it
+    grey = torch.rand(4, 1, 16, 16).expand(4, 3, 16, 16)
+    noisy = random_view(grey, ViewConfig(**{**OFF, "noise_std": 0.1}), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(noisy[:, 0], noisy[:, 1]) and torch.equal(noisy[:, 1], noisy[:, 2])
+    one = random_view(grey[:, :1], ViewConfig(**{**OFF, "noise_std": 0.1}), generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(one[:, 0], noisy[:, 0], atol=1e-6) and not torch.allclose(one, grey[:, :1], atol=1e-3)
 
 
 def test_every_parameter_gets_a_gradient_and_the_ssl_term_is_logged(tiny_dataset, tmp_path):
@@ -93,3 +100,16 @@ def test_pretrain_then_evaluate(tiny_dataset, tmp_path):
     assert main(["evaluate", str(run), "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())["run"]
     assert {"zeroshot", "retrieval", "linear_probe"} <= set(m)
+
+
+def test_zero_ssl_weight_is_clip_without_the_head_or_the_view_passes(tiny_dataset, tmp_path):
+    """ssl_weight 0 builds no SimCLR head (no parameter left without a gradient) and skips the two
+    view passes: the loss is the CLIP term alone."""
+    method, batch, _ = _method_and_batch(tiny_dataset, tmp_path, "method.ssl_weight=0")
+    assert method.ssl_head is None
+    calls = []
+    method.vision.register_forward_hook(lambda *_: calls.append(1))
+    out = method(batch)
+    assert "loss_ssl" not in out and out["loss"].item() == out["loss_clip"].item() and len(calls) == 1
+    out["loss"].backward()
+    assert [n for n, p in method.named_parameters() if p.grad is None] == []

@@ -301,3 +301,34 @@ def test_pretrain_then_evaluate(tiny_dataset, tmp_path):
     assert main(["evaluate", str(run), "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())["run"]
     assert {"zeroshot", "retrieval", "linear_probe"} <= set(m)
+
+
+def test_protected_words_cover_every_casing_of_a_cased_tokenizer():
+    """With a cased tokenizer a sentence-initial "No" has other ids than "no": both are protected
+    from word dropout; a lowercasing tokenizer yields each word's ids once."""
+    from medvlp.data.tokenize import train_wordpiece
+    from medvlp.methods.unimlip import PROTECTED_WORDS, protected_spellings
+
+    texts = ["No pneumothorax. There is no effusion.", "NO acute findings. Possible nodule, possibly benign."] * 5
+    cased = train_wordpiece(texts, 200, lowercase=False)
+    phrases = protected_spellings(cased)
+    for word in ("No", "no", "NO", "Possible", "possibly"):
+        assert cased(word, add_special_tokens=False)["input_ids"] in phrases, word
+    lower = train_wordpiece(texts, 200)
+    assert len(protected_spellings(lower)) == len({tuple(lower(w, add_special_tokens=False)["input_ids"])
+                                                   for w in PROTECTED_WORDS})
+
+
+def test_text_tower_dropout_reads_the_model_config():
+    """SimCSE's two real passes need dropout in the tower: it is read from the Hugging Face config
+    (BERT's hidden / attention dropout, DistilBERT's dropout), 0 when the config names none."""
+    from types import SimpleNamespace
+
+    from medvlp.methods.unimlip import text_tower_dropout
+
+    def tower(**conf):
+        return SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(**conf)))
+
+    assert text_tower_dropout(tower(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0)) == 0.1
+    assert text_tower_dropout(tower(dropout=0.0, attention_dropout=0.0)) == 0.0
+    assert text_tower_dropout(tower(hidden_size=384)) == 0.0 and text_tower_dropout(object()) == 0.0

@@ -15,7 +15,7 @@ IGNORE = -100  # label of tokens that are not prediction targets (cross_entropy'
 
 def whole_word_mask(input_ids: torch.Tensor, word_ids: torch.Tensor, *, mask_id: int, vocab_size: int,
                     first_ordinary_id: int, prob: float = 0.15, generator: torch.Generator | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    ordinary_end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask whole words of a (B, L) batch.
 
     Args:
@@ -23,7 +23,8 @@ def whole_word_mask(input_ids: torch.Tensor, word_ids: torch.Tensor, *, mask_id:
         word_ids: (B, L) word index of each token within its sequence, -1 for special/padding.
         mask_id: the [MASK] token id.
         vocab_size: size of the vocabulary; random replacements are drawn from
-            ``[first_ordinary_id, vocab_size)`` so they are never special tokens.
+            ``[first_ordinary_id, ordinary_end)`` (``ordinary_end`` defaults to ``vocab_size``) so
+            they are never special tokens.
         prob: probability that a word is chosen.
     Returns ``(masked_ids, labels)``: the corrupted ids and (B, L) labels holding the original
     id at target positions and :data:`IGNORE` elsewhere.
@@ -39,7 +40,11 @@ def whole_word_mask(input_ids: torch.Tensor, word_ids: torch.Tensor, *, mask_id:
     is_word = word_ids >= 0
     targets = torch.gather(chosen_words, 1, word_ids.clamp(min=0)) & is_word
     r = torch.rand(input_ids.shape, generator=generator).to(device)
-    random_ids = torch.randint(first_ordinary_id, vocab_size, input_ids.shape, generator=generator).to(device)
+    end = vocab_size if ordinary_end is None else ordinary_end
+    if not 0 <= first_ordinary_id < end <= vocab_size:
+        raise ValueError(f"whole_word_mask: no ordinary ids to draw replacements from: [{first_ordinary_id}, {end}) "
+                         f"within a vocabulary of {vocab_size}")
+    random_ids = torch.randint(first_ordinary_id, end, input_ids.shape, generator=generator).to(device)
     masked = torch.where(targets & (r < 0.8), torch.full_like(input_ids, mask_id), input_ids)
     masked = torch.where(targets & (r >= 0.8) & (r < 0.9), random_ids, masked)
     labels = torch.where(targets, input_ids, torch.full_like(input_ids, IGNORE))

@@ -49,12 +49,19 @@ class Slip(Clip):
     def __init__(self, cfg, tokenizer, *, load_text_weights: bool = True):
         super().__init__(cfg, tokenizer, load_text_weights=load_text_weights)
         m: SlipConfig = self.cfg
+        # no SimCLR term, no head (and no view passes): SLIP with ssl_weight 0 is CLIP
         self.ssl_head = nn.Sequential(nn.Linear(self.vision.width, m.ssl_hidden), nn.GELU(),
-                                      nn.Linear(m.ssl_hidden, m.ssl_dim))
+                                      nn.Linear(m.ssl_hidden, m.ssl_dim)) if self.uses_ssl_head() else None
         self.views = ViewConfig(hflip=m.hflip, mean=cfg.data.mean, std=cfg.data.std)
+
+    def uses_ssl_head(self) -> bool:
+        """Whether a loss term needs the SimCLR projection head."""
+        return self.cfg.ssl_weight > 0
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
         out = super().forward(batch)
+        if self.ssl_head is None:
+            return out
         both = torch.cat([random_view(batch.images, self.views), random_view(batch.images, self.views)])
         z1, z2 = self.ssl_head(self.vision(both).pooled).chunk(2)
         ssl = nt_xent(z1, z2, self.cfg.ssl_temperature)

@@ -65,6 +65,24 @@ PROTECTED_WORDS = (
 )
 
 
+def protected_spellings(tokenizer) -> list[list[int]]:
+    """Token ids of every :data:`PROTECTED_WORDS` entry in each casing a report may use ("no",
+    "No pneumothorax.", "NO"): a cased tokenizer gives each its own ids, a lowercasing one the
+    same ids, kept once."""
+    spellings = dict.fromkeys(tuple(tokenizer(v, add_special_tokens=False)["input_ids"])
+                              for w in PROTECTED_WORDS for v in (w, w.capitalize(), w.upper()))
+    return [list(ids) for ids in spellings if ids]
+
+
+def text_tower_dropout(text) -> float:
+    """The dropout probability of a text tower (``model.config`` of the Hugging Face model inside,
+    BERT's ``hidden_dropout_prob`` and the like; 0 when it names none)."""
+    conf = getattr(getattr(text, "model", None), "config", None)
+    values = [getattr(conf, k, None) for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout",
+                                                "attention_dropout")]
+    return float(max((v for v in values if isinstance(v, (int, float))), default=0.0))
+
+
 def token_dropout_pool(tokens: torch.Tensor, padding_mask: torch.Tensor | None, prob: float,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Feature-level token dropout: the mean over a random subset of token states.
@@ -181,27 +199,29 @@ class UniMlip(FusionHeads, Slip):
     def __init__(self, cfg, tokenizer, *, load_text_weights: bool = True):
         super().__init__(cfg, tokenizer, load_text_weights=load_text_weights)
         m: UniMlipConfig = self.cfg
-        if m.ssl_weight == 0 and m.ssl_feat_weight == 0:
-            self.ssl_head = None  # no image self-supervision: no head left without gradients
         self.fusion = self.mlm_head = self.itm_head = None
         if m.itm_weight > 0 or m.mlm_weight > 0:
             self.build_fusion(m, tokenizer, mlm=m.mlm_weight > 0)
         else:  # no fusion encoder: VQA falls back to dual (image + question) features
             self.vqa_features = None
-        if m.txt_ssl_weight > 0 and cfg.model.text.name == "bert" and cfg.model.text.dropout == 0 \
-                and m.txt_feat_dropout == 0:
-            raise ConfigError("method.txt_feat_dropout: model.text.dropout is 0, so SimCSE's two views need "
+        tower_dropout = text_tower_dropout(self.text)
+        if m.txt_ssl_weight > 0 and tower_dropout == 0 and m.txt_feat_dropout == 0:
+            raise ConfigError("method.txt_feat_dropout: the text tower has no dropout (model.text.dropout is 0, or "
+                              "the Hugging Face model's config sets none), so SimCSE's two views need "
                               "txt_feat_dropout > 0 (e.g. 0.1), or set method.txt_ssl_weight: 0")
-        # two real dropout passes when the tower has dropout (HF models carry their own)
-        self.text_dropout_passes = cfg.model.text.name == "hf" or cfg.model.text.dropout > 0
+        # two real dropout passes when the tower has dropout (an HF model's comes from its own config)
+        self.text_dropout_passes = tower_dropout > 0
         self._build_report_augmentation(m, tokenizer)
+
+    def uses_ssl_head(self) -> bool:
+        # the data-level SimCLR term and the feature-level image term share the head
+        return self.cfg.ssl_weight > 0 or self.cfg.ssl_feat_weight > 0
 
     def _build_report_augmentation(self, m: UniMlipConfig, tokenizer) -> None:
         """The tokenizer's ids the report augmentation needs: protected words, "." and digits."""
         vocab = tokenizer.get_vocab()
         self.pad_id = tokenizer.pad_token_id
-        self.protected_words = PhraseTable.build(
-            [(tokenizer(w, add_special_tokens=False)["input_ids"], 0) for w in PROTECTED_WORDS])
+        self.protected_words = PhraseTable.build([(ids, 0) for ids in protected_spellings(tokenizer)])
         self.period_id = vocab.get(".")
         if m.txt_aug_shuffle_sentences and self.period_id is None:
             raise ConfigError("method.txt_aug_shuffle_sentences: the tokenizer has no '.' token, so sentence "
@@ -323,4 +343,5 @@ class UniMlip(FusionHeads, Slip):
         return terms
 
 
-__all__ = ["PROTECTED_WORDS", "UniMlip", "UniMlipConfig", "augment_report", "token_dropout_pool"]
+__all__ = ["PROTECTED_WORDS", "UniMlip", "UniMlipConfig", "augment_report", "protected_spellings",
+           "text_tower_dropout", "token_dropout_pool"]

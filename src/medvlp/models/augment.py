@@ -61,7 +61,8 @@ def random_view(images: torch.Tensor, cfg: ViewConfig = ViewConfig(), generator:
     x = ((x - mu) * c + mu).clamp(0, 1)
     x = x.clamp(min=1e-6) ** _uniform(b, *cfg.gamma, generator, dev).view(b, 1, 1, 1)
     if cfg.noise_std > 0:
-        x = x + cfg.noise_std * torch.randn(x.shape, generator=generator).to(dev)
+        # one noise field per image shared by its channels: a grey image copied to 3 channels stays grey
+        x = x + cfg.noise_std * torch.randn((x.shape[0], 1, *x.shape[2:]), generator=generator).to(dev)
     return ((x - cfg.mean) / cfg.std).to(images.dtype)
 
 

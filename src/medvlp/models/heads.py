@@ -14,6 +14,7 @@ and image-text matching (ITM), plus the tokenizer facts MLM masking needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +29,16 @@ class MlmSpec:
     mask_id: int
     vocab_size: int
     first_ordinary_id: int
+    ordinary_end: int | None = None  # random replacements come from [first_ordinary_id, ordinary_end)
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> MlmSpec:
         if tokenizer is None or tokenizer.mask_token_id is None:
             raise ConfigError("masked language modeling needs a tokenizer with a [MASK] token "
                               "(medvlp's WordPiece tokenizer or a BERT-style Hugging Face tokenizer)")
-        specials = [i for i in tokenizer.all_special_ids if i is not None]
-        return cls(int(tokenizer.mask_token_id), len(tokenizer), max(specials) + 1)
+        vocab = len(tokenizer)
+        first, end = ordinary_range([i for i in tokenizer.all_special_ids if i is not None], vocab)
+        return cls(int(tokenizer.mask_token_id), vocab, first, end)
 
     def mask(self, input_ids: torch.Tensor, word_ids: torch.Tensor, prob: float,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +46,19 @@ class MlmSpec:
         if word_ids is None:
             raise ValueError("MLM needs batch.word_ids (the collator provides them for every report)")
         return whole_word_mask(input_ids, word_ids, mask_id=self.mask_id, vocab_size=self.vocab_size,
-                               first_ordinary_id=self.first_ordinary_id, prob=prob, generator=generator)
+                               first_ordinary_id=self.first_ordinary_id, prob=prob, generator=generator,
+                               ordinary_end=self.ordinary_end)
+
+
+def ordinary_range(special_ids, vocab_size: int) -> tuple[int, int]:
+    """The longest run ``[first, end)`` of ids holding no special token, where MLM's random
+    replacements are drawn: ``[max special + 1, vocab)`` for BERT-style vocabularies (specials
+    first), ``[4, <mask>)`` for RoBERTa-style ones whose ``<mask>`` is the last id."""
+    cuts = sorted({-1, vocab_size, *(int(i) for i in special_ids if 0 <= int(i) < vocab_size)})
+    first, end = max(((a + 1, b) for a, b in pairwise(cuts)), key=lambda r: (r[1] - r[0], r[0]))
+    if end - first < 1:
+        raise ConfigError(f"masked language modeling: the tokenizer's {vocab_size} ids are all special tokens")
+    return first, end
 
 
 class MlmHead(nn.Module):

@@ -203,6 +203,14 @@ def run_cell(cell: Cell, benchmark: dict, flops_per_step: int, args) -> dict:
 
     cfg, started = cell.cfg, utc_now()
     resumed_from = None
+    # the code that first trained this cell (a resumed or re-evaluated cell keeps it); the result's
+    # machine.git_commit is the code that evaluated it
+    provenance_path = cell.dir / "provenance.json"
+    if not provenance_path.is_file():
+        here = machine_info()
+        _write_json(provenance_path, {"first_started_at": started, "git_commit": here.get("git_commit"),
+                                      "git_dirty": here.get("git_dirty")})
+    provenance = json.loads(provenance_path.read_text())
     if cell.recipe == RANDOM_INIT:
         method, tokenizer, subjects = _init_model(cfg)
         images: set[str] = set()  # nothing was trained on
@@ -239,6 +247,7 @@ def run_cell(cell: Cell, benchmark: dict, flops_per_step: int, args) -> dict:
                   "checkpoint": str(checkpoint) if checkpoint else None},
         "budget": budget, "metrics": metrics, "evaluation": evaluation, "config": to_dict(cfg),
         "command": args.command, "machine": machine_info(), "started_at": started, "finished_at": utc_now(),
+        "trained_at_commit": provenance.get("git_commit"),
     }
     _write_json(cell.dir / "result.json", result)
     return result

@@ -83,6 +83,11 @@ def test_grid_writes_runs_and_aggregate(grid, tiny_dataset):
     assert saved["recipes"]["clip"]["metrics"]["zeroshot_auroc"] == stats(seeds_auc)
     md = (out / "results" / "tiny.md").read_text()
     assert "python benchmarks/compare.py --name tiny" in md and "| supervised | 2 | train | CPU, " in md and " ± " in md
+    # the code behind each row: the commit that first trained each cell, kept in the cell's folder
+    head = clip["machine"]["git_commit"]
+    assert clip["trained_at_commit"] == head == json.loads((out / "runs" / "clip-seed0" / "provenance.json").read_text())["git_commit"]
+    assert saved["recipes"]["clip"]["commits"] == {"trained": [head[:10]], "evaluated": [head[:10]]}
+    assert f"- clip: trained {head[:10]}; evaluated {head[:10]}" in md
 
 
 def test_rerun_skips_finished_and_resumes_interrupted(grid, tiny_dataset):
@@ -180,3 +185,15 @@ def test_vqa_parts_and_map_50_95_are_extracted():
     m = bench.extract_metrics(evaluation)
     assert (m["vqa_closed"], m["vqa_open"], m["vqa_overall"], m["vqa_question_only"]) == (0.8, 0.6, 0.7, 0.5)
     assert (m["det_map50@1"], m["det_map50_95@1"]) == (0.3, 0.1)
+
+
+def test_table_cells_show_spread_only_with_two_values_and_flag_missing_seeds():
+    """One seed has no spread: its cell is the value alone, not "± 0.000"; a metric missing in some
+    of a recipe's seeds says over how many seeds it is."""
+    from medvlp.bench import _cell
+
+    assert _cell(stats([0.7, 0.8]), "zeroshot_auroc", 2) == "0.750 ± 0.071"
+    assert _cell(stats([0.7]), "zeroshot_auroc", 1) == "0.700"
+    assert _cell(stats([0.7, None, 0.8]), "vqa_acc", 3) == "0.750 ± 0.071 (n=2)"
+    assert _cell(stats([12.25]), "train_minutes", 1) == "12.2" and _cell(stats([3e13, 5e13]), "flops_total", 2) == "4e+13 ± 1.4e+13"
+    assert _cell(stats([None]), "vqa_acc", 1) == "–"

@@ -214,6 +214,9 @@ def aggregate(results: Sequence[dict], recipes: Sequence[str] | None = None) -> 
             "capped_seeds": [r["seed"] for r in runs if r.get("capped")],
             "train": runs[0]["train"],
             "machines": sorted({machine_label(r.get("machine")) for r in runs}),
+            # the code versions behind the rows (older results lack trained_at_commit)
+            "commits": {"trained": sorted({(r.get("trained_at_commit") or "?")[:10] for r in runs}),
+                        "evaluated": sorted({((r.get("machine") or {}).get("git_commit") or "?")[:10] for r in runs})},
             "metrics": {k: stats(r["metrics"].get(k) for r in runs) for k in keys},
         }
     return {"benchmark": version, "recipes": table}
@@ -226,17 +229,21 @@ def machine_label(machine: dict | None) -> str:
     return machine.get("gpu") or f"CPU, {machine.get('cores', '?')} cores"
 
 
-def _cell(s: dict | None, key: str) -> str:
+def _cell(s: dict | None, key: str, n_seeds: int | None = None) -> str:
+    """``mean ± sd``; one value has no spread (``mean``, no ``± 0``), and a metric missing in some
+    seeds says over how many it is (``(n=2)``)."""
     if not s or s["mean"] is None:
         return "–"
     mean, sd = s["mean"], s["sd"]
     if key == "flops_total":
-        return f"{mean:.3g} ± {sd:.2g}"
-    if key in ("steps", "samples_seen"):
-        return f"{mean:.0f} ± {sd:.0f}"
-    if key == "train_minutes":
-        return f"{mean:.1f} ± {sd:.1f}"
-    return f"{mean:.3f} ± {sd:.3f}"
+        text = f"{mean:.3g}" + (f" ± {sd:.2g}" if s["n"] > 1 else "")
+    elif key in ("steps", "samples_seen"):
+        text = f"{mean:.0f}" + (f" ± {sd:.0f}" if s["n"] > 1 else "")
+    elif key == "train_minutes":
+        text = f"{mean:.1f}" + (f" ± {sd:.1f}" if s["n"] > 1 else "")
+    else:
+        text = f"{mean:.3f}" + (f" ± {sd:.3f}" if s["n"] > 1 else "")
+    return text + (f" (n={s['n']})" if n_seeds is not None and s["n"] < n_seeds else "")
 
 
 def render_markdown(data: dict) -> str:
@@ -264,12 +271,16 @@ def render_markdown(data: dict) -> str:
     for name, r in recipes.items():
         n = len(r["seeds"])
         capped = f" ({len(r['capped_seeds'])} capped)" if r["capped_seeds"] else ""
-        cells = [_cell(r["metrics"].get(k), k) for k, _ in keys]
+        cells = [_cell(r["metrics"].get(k), k, n) for k, _ in keys]
         ran_on = ", ".join(r.get("machines") or ["?"])
         lines.append(f"| {name}{capped} | {n} | {r['train']['data']} | {ran_on} | " + " | ".join(cells) + " |")
+    lines += ["", "Code per recipe (commits that first trained / evaluated its cells; ? = not recorded):", ""]
+    lines += [f"- {name}: trained {', '.join(r['commits']['trained'])}; evaluated {', '.join(r['commits']['evaluated'])}"
+              for name, r in recipes.items() if r.get("commits")]
     lines += [
         "",
-        ("Mean ± sd over seeds (n = seeds). AUROC masks uncertain and missing labels; probe cells are each the mean "
+        ("Mean ± sd over seeds (n = seeds; one seed: the value alone; a metric missing in some seeds: its own n "
+         "in brackets). AUROC masks uncertain and missing labels; probe cells are each the mean "
          "of the probe's own seeds. FLOPs = forward + backward of one batch (FlopCounterMode) x steps done, "
          "optimizer excluded. A capped run stopped at the wall-time cap and was evaluated where it stopped."),
     ]

@@ -19,7 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from medvlp.bench import render_markdown, utc_now
+from medvlp.bench import plot_grid, render_markdown, utc_now
 from medvlp.errors import ConfigError, MedvlpError
 
 HERE = Path(__file__).resolve().parent
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except MedvlpError as exc:
         print(f"combine: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    data["plots"] = plot_grid(data, results_dir, args.name)
     md = render_markdown(data).replace("# Comparison:", "# Combined comparison:", 1)
     md += "\nRows come from these grids: " + ", ".join(f"{k} ← {v}" for k, v in data["sources"].items()) + ".\n"
     (results_dir / f"{args.name}.json").write_text(json.dumps(data, indent=2) + "\n")

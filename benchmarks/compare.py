@@ -39,6 +39,7 @@ from medvlp.bench import (
     extract_metrics,
     first_batch,
     machine_info,
+    plot_grid,
     render_markdown,
     step_flops,
     utc_now,
@@ -318,6 +319,8 @@ def run(argv: list[str] | None = None) -> dict:
             "runs": [{k: r[k] for k in ("recipe", "seed", "capped", "metrics")} | {"result": str(out / "runs" /
                      f"{r['recipe']}-seed{r['seed']}" / "result.json")} for r in results]}
     results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    data["plots"] = plot_grid(data, results_dir, args.name)
     _write_json(results_dir / f"{args.name}.json", data)
     (results_dir / f"{args.name}.md").write_text(render_markdown(data))
     print(render_markdown(data))

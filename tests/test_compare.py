@@ -88,6 +88,10 @@ def test_grid_writes_runs_and_aggregate(grid, tiny_dataset):
     assert clip["trained_at_commit"] == head == json.loads((out / "runs" / "clip-seed0" / "provenance.json").read_text())["git_commit"]
     assert saved["recipes"]["clip"]["commits"] == {"trained": [head[:10]], "evaluated": [head[:10]]}
     assert f"- clip: trained {head[:10]}; evaluated {head[:10]}" in md
+    # label-efficiency curves of the grid: mean over seeds per recipe, embedded in the table's page
+    assert "tiny_label_efficiency_linear_probe.png" in saved["plots"]
+    for name in saved["plots"]:
+        assert (out / "results" / name).stat().st_size > 1000 and f"]({name})" in md
 
 
 def test_rerun_skips_finished_and_resumes_interrupted(grid, tiny_dataset):
@@ -197,3 +201,54 @@ def test_table_cells_show_spread_only_with_two_values_and_flag_missing_seeds():
     assert _cell(stats([0.7, None, 0.8]), "vqa_acc", 3) == "0.750 ± 0.071 (n=2)"
     assert _cell(stats([12.25]), "train_minutes", 1) == "12.2" and _cell(stats([3e13, 5e13]), "flops_total", 2) == "4e+13 ± 1.4e+13"
     assert _cell(stats([None]), "vqa_acc", 1) == "–"
+
+
+def test_fraction_results_reshape_the_aggregate_for_the_plots():
+    """Aggregated ``<metric>@<fraction>`` numbers become per-task fraction entries (mean and sd over
+    seeds) that the label-efficiency plots read; metrics without fractions are left out."""
+    from medvlp.bench import fraction_results
+    from medvlp.eval.plots import fraction_points
+
+    table = {"clip": {"seeds": [0, 1, 2], "metrics": {
+        "probe_auroc@0.01": stats([0.70, 0.72, 0.74]), "probe_auroc@1": stats([0.80, 0.81, 0.82]),
+        "seg_dice@0.01": stats([0.05, 0.07, 0.09]), "seg_dice_large@0.01": stats([0.1, 0.2, 0.3]),
+        "det_map50@1": stats([0.2, 0.2, 0.2]), "zeroshot_auroc": stats([0.7, 0.7, 0.7]),
+        "det_map50_95@1": stats([0.1, 0.1, 0.1])}}}
+    res = fraction_results(table)["clip"]
+    assert set(res) == {"linear_probe", "segmentation", "detection"}
+    assert res["segmentation"]["fractions"]["0.01"] == pytest.approx({"dice": 0.07, "sd": 0.02, "dice_large": 0.2,
+                                                                      "sd_large": 0.1})
+    probe = fraction_points(res, "linear_probe")
+    assert [(f, round(v, 3), round(sd, 3), n) for f, v, sd, n in probe] == [(0.01, 0.72, 0.02, 3), (1.0, 0.81, 0.01, 3)]
+    assert fraction_points(res, "segmentation_large")[0][1:] == pytest.approx((0.2, 0.1, 3))
+
+
+def test_combine_takes_rows_from_grids_of_one_benchmark(tmp_path, capsys):
+    """benchmarks/combine.py puts recipes of several grids in one table (a recipe in two grids is
+    labelled by grid) with its label-efficiency plots, and refuses grids of another budget."""
+    spec = importlib.util.spec_from_file_location("medvlp_bench_combine", ROOT / "benchmarks" / "combine.py")
+    combine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(combine)
+
+    def grid(name, recipes, steps=1000):
+        table = {r: {"seeds": [0, 1], "capped_seeds": [], "train": {"data": "pretrain"}, "machines": ["CPU, 2 cores"],
+                     "metrics": {"probe_auroc@0.01": stats([base, base + 0.02]), "probe_auroc@1": stats([base + 0.1] * 2),
+                                 "zeroshot_auroc": stats([base, base])}}
+                 for r, base in recipes.items()}
+        data = {"name": name, "command": "x", "date": "d", "machine": {"cpu": "c", "cores": 2, "gpu": None, "torch": "t"},
+                "budget": {"steps": steps, "batch_size": 64, "max_minutes": 240}, "recipes": table,
+                "benchmark": {"data": {"dataset": "synthcxr", "manifest_sha256": "ab" * 32}, "format": 1}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+
+    grid("cpu", {"clip": 0.70, "slip": 0.72})
+    grid("gpu", {"clip": 0.71, "mpma": 0.65})
+    assert combine.main(["--name", "both", "--take", "cpu:clip,slip", "--take", "gpu:clip,mpma",
+                         "--results-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "both.md").read_text()
+    assert "| clip [cpu] | 2 |" in md and "| clip [gpu] | 2 |" in md and "| mpma | 2 |" in md
+    assert "0.710 ± 0.014" in md  # slip's 1 % probe over its two seeds
+    saved = json.loads((tmp_path / "both.json").read_text())
+    assert saved["plots"] == ["both_label_efficiency_linear_probe.png"] and (tmp_path / saved["plots"][0]).is_file()
+    grid("long", {"clip": 0.8}, steps=3000)
+    assert combine.main(["--name", "bad", "--take", "cpu:clip", "--take", "long:clip", "--results-dir", str(tmp_path)]) == 2
+    assert "--take long: budget" in capsys.readouterr().err and not (tmp_path / "bad.md").exists()

@@ -95,7 +95,14 @@ def test_one_valid_png_per_fraction_task(tmp_path):
 def test_only_tasks_present_are_plotted(tmp_path):
     results = {"a": {"segmentation": _dense_task("dice", 0.3)}, "b": {"detection": {"fractions": {}}}}
     paths = plot_label_efficiency(results, tmp_path)
-    assert [p.name for p in paths] == ["label_efficiency_segmentation.png"]
+    assert [p.name for p in paths] == ["label_efficiency_segmentation.png", "label_efficiency_segmentation_large.png"]
+    # the large-class curve reads dice_large and its own sd (sd_large), not the all-class per-seed values
+    large = fraction_points(results["a"], "segmentation_large")
+    assert [p[1] for p in large] == pytest.approx([0.5, 0.6, 0.7]) and {p[2] for p in large} == {0.04}
+    (tmp_path / "x").mkdir()
+    named = plot_label_efficiency(results, tmp_path / "x", prefix="grid_")
+    assert [p.name for p in named] == ["grid_label_efficiency_segmentation.png",
+                                       "grid_label_efficiency_segmentation_large.png"]
 
 
 def test_no_fraction_tasks_no_plot_and_no_section(tmp_path):
@@ -172,6 +179,6 @@ def test_evaluate_all_tasks_end_to_end(tmp_path, tiny_dataset):
     assert all(v >= 0 for v in seconds.values())
     report = (out / "report.md").read_text()
     assert "run: prompt_tuning skipped" in report and "## Label efficiency" in report
-    for task in FRACTION_TASKS:
-        if task in metrics:
+    for task, spec in FRACTION_TASKS.items():
+        if (spec.source or task) in metrics:
             assert (out / f"label_efficiency_{task}.png").is_file()

@@ -222,6 +222,45 @@ def aggregate(results: Sequence[dict], recipes: Sequence[str] | None = None) -> 
     return {"benchmark": version, "recipes": table}
 
 
+# aggregate metric prefix -> (task, key of the headline value, key of its sd) in a task's fraction entry
+_FRACTION_METRICS = {"probe_auroc@": ("linear_probe", "mean", "sd"),
+                     "prompt_tuning_auroc@": ("prompt_tuning", "mean", "sd"),
+                     "finetune_auroc@": ("finetune", "mean", "sd"),
+                     "seg_dice@": ("segmentation", "dice", "sd"),
+                     "seg_dice_large@": ("segmentation", "dice_large", "sd_large"),
+                     "det_map50@": ("detection", "map_50", "sd")}
+
+
+def fraction_results(table: dict) -> dict:
+    """The aggregate's per-fraction metrics shaped like evaluation results (recipe -> task ->
+    ``{"seeds", "fractions": {key: {headline: mean over seeds, sd: sd over seeds}}}``), for
+    :func:`medvlp.eval.plots.plot_label_efficiency`."""
+    out: dict[str, dict] = {}
+    for recipe, r in table.items():
+        tasks: dict[str, dict] = {}
+        for metric, st in r["metrics"].items():
+            prefix, _, fraction = metric.partition("@")
+            spec = _FRACTION_METRICS.get(prefix + "@")
+            if spec is None or not fraction or st["mean"] is None:
+                continue
+            task, key, sd_key = spec
+            entry = tasks.setdefault(task, {"seeds": r["seeds"], "fractions": {}})["fractions"].setdefault(fraction, {})
+            entry.update({key: st["mean"], sd_key: st["sd"]})
+        out[recipe] = tasks
+    return out
+
+
+def plot_grid(data: dict, results_dir: str | Path, name: str) -> list[str]:
+    """``<name>_label_efficiency_<task>.png`` in ``results_dir``: each recipe's mean over seeds
+    against the label fraction, error bars one sd over seeds; returns the file names."""
+    from medvlp.eval.plots import plot_label_efficiency
+
+    results_dir = Path(results_dir)
+    for stale in results_dir.glob(f"{name}_label_efficiency_*.png"):  # a task no longer in the grid
+        stale.unlink()
+    return [p.name for p in plot_label_efficiency(fraction_results(data["recipes"]), results_dir, prefix=f"{name}_")]
+
+
 def machine_label(machine: dict | None) -> str:
     """Short name of the machine a run trained and was evaluated on: its GPU, else its CPU cores."""
     if not machine:
@@ -277,6 +316,9 @@ def render_markdown(data: dict) -> str:
     lines += ["", "Code per recipe (commits that first trained / evaluated its cells; ? = not recorded):", ""]
     lines += [f"- {name}: trained {', '.join(r['commits']['trained'])}; evaluated {', '.join(r['commits']['evaluated'])}"
               for name, r in recipes.items() if r.get("commits")]
+    if data.get("plots"):
+        lines += ["", "Label efficiency (mean over seeds, error bars one sd):", ""]
+        lines += [f"![{p}]({p})" for p in data["plots"]]
     lines += [
         "",
         ("Mean ± sd over seeds (n = seeds; one seed: the value alone; a metric missing in some seeds: its own n "

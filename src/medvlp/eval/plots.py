@@ -24,14 +24,19 @@ class FractionTask(NamedTuple):
     title: str  # the task in words
     key: str  # the headline metric's key in each fraction entry
     metric: str  # the headline metric in words (axis label)
+    source: str | None = None  # the results' task key when it differs from the plot's name
+    sd_key: str = "sd"  # the spread over seeds in each fraction entry
+    per_seed: bool = True  # whether the entry's ``per_seed`` values are of ``key``
 
 
-#: tasks reported per label fraction, in report order
+#: plots of the tasks reported per label fraction, in report order
 FRACTION_TASKS: dict[str, FractionTask] = {
     "linear_probe": FractionTask("linear probe", "mean", "mean AUROC"),
     "prompt_tuning": FractionTask("prompt tuning", "mean", "mean AUROC"),
     "finetune": FractionTask("full fine-tuning", "mean", "mean AUROC"),
     "segmentation": FractionTask("segmentation", "dice", "mean Dice"),
+    "segmentation_large": FractionTask("segmentation, classes at least one patch large", "dice_large", "mean Dice",
+                                       source="segmentation", sd_key="sd_large", per_seed=False),
     "detection": FractionTask("detection", "map_50", "mAP@0.5"),
 }
 
@@ -53,7 +58,7 @@ def fraction_points(metrics: Mapping[str, Any], task: str) -> list[tuple[float, 
     result's ``seeds`` list.
     """
     spec = FRACTION_TASKS[task]
-    result = metrics.get(task) or {}
+    result = metrics.get(spec.source or task) or {}
     n_seeds = len(result.get("seeds") or []) or 1
     points = []
     for key, entry in (result.get("fractions") or {}).items():
@@ -61,11 +66,11 @@ def fraction_points(metrics: Mapping[str, Any], task: str) -> list[tuple[float, 
         frac = _finite(entry.get("fraction", key)) if value is not None else None
         if value is None or frac is None or frac <= 0:
             continue
-        seeds = [v for v in (_finite(s) for s in entry.get("per_seed") or []) if v is not None]
+        seeds = [v for v in (_finite(s) for s in entry.get("per_seed") or []) if v is not None] if spec.per_seed else []
         if len(seeds) > 1:
             sd, n = float(np.std(seeds, ddof=1)), len(seeds)
         else:
-            sd, n = _finite(entry.get("sd")) or 0.0, max(len(seeds), n_seeds)
+            sd, n = _finite(entry.get(spec.sd_key)) or 0.0, max(len(seeds), n_seeds)
         points.append((frac, value, sd, n))
     return sorted(points)
 
@@ -74,10 +79,11 @@ def _tick_label(fraction: float) -> str:
     return f"{fraction * 100:g} %"
 
 
-def plot_label_efficiency(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
-    """One ``label_efficiency_<task>.png`` per task of :data:`FRACTION_TASKS` that any model has
-    results for, in ``out_dir``; returns their paths in :data:`FRACTION_TASKS` order (empty when
-    no model has fraction results)."""
+def plot_label_efficiency(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path,
+                          prefix: str = "") -> list[Path]:
+    """One ``<prefix>label_efficiency_<task>.png`` per plot of :data:`FRACTION_TASKS` that any
+    model has results for, in ``out_dir``; returns their paths in :data:`FRACTION_TASKS` order
+    (empty when no model has fraction results)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -110,7 +116,7 @@ def plot_label_efficiency(results: Mapping[str, Mapping[str, Any]], out_dir: str
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out_dir / f"label_efficiency_{task}.png"
+        path = out_dir / f"{prefix}label_efficiency_{task}.png"
         fig.savefig(path, dpi=100)
         paths.append(path)
     return paths

@@ -3,7 +3,6 @@ report.md, the side-by-side rows of every task, and ``medvlp evaluate --tasks al
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest

@@ -197,6 +197,13 @@ def finished_result(cell: Cell, benchmark: dict) -> dict | None:
 
 def run_cell(cell: Cell, benchmark: dict, flops_per_step: int, args) -> dict:
     """Train (or resume) and evaluate one cell; write and return its result."""
+    # every module the evaluation uses is imported now, before training: the runner imports the
+    # dense tasks lazily, and a source edit during a long training run must not make the
+    # evaluation mix two versions of the code (it did once: an ImportError after 60 minutes)
+    import medvlp.eval.detection
+    import medvlp.eval.finetune
+    import medvlp.eval.segmentation
+    import medvlp.eval.vqa  # noqa: F401
     from medvlp.eval.runner import evaluate_models
     from medvlp.hub import load_bundle
     from medvlp.train.checkpoint import latest_checkpoint

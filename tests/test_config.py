@@ -29,6 +29,7 @@ def test_demo_config_loads_with_include_and_overrides():
         ("train.steps=abc", "train.steps: expected an integer, got 'abc'"),
         ("model.text.name=hf", "model.text.path: required"),
         ("eval.tasks=[zeroshot,captioning]", "eval.tasks[1]: invalid value 'captioning'"),
+        ("eval.segmentation_encoder=tuned", "eval.segmentation_encoder: invalid value 'tuned'"),
         ("method.init_temperature=2", "method.init_temperature: must be within (0, 1)"),
     ],
 )

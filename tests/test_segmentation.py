@@ -188,3 +188,59 @@ def test_thresholded_targets_equal_thresholding_the_soft_ones(tiny_dataset):
     soft = mask_targets(samples, tiny_dataset, classes, 24)
     hard = mask_targets(samples, tiny_dataset, classes, 24, at_least=0.5)
     assert hard.dtype == torch.bool and torch.equal(hard, soft >= 0.5) and 0 < int(hard.sum()) < hard.numel()
+
+
+def test_finetuned_encoder_learns_what_a_frozen_blind_one_cannot(tiny_dataset, tmp_path):
+    """encoder="finetune" trains a copy of the vision tower with the decoder: a ViT whose patch
+    embedding is zeroed gives the same tokens for every image (frozen Dice 0), and fine-tuning it
+    learns to see the findings; the evaluated model itself is left untouched."""
+    from medvlp.hub import build_method
+
+    cfg = load_config("configs/methods/clip.yaml", [*TINY, f"data.manifest={tiny_dataset}",
+                                                     f"train.output_dir={tmp_path}"])
+    classes = read_info(tiny_dataset)["classes"]
+    tok = train_wordpiece(["small right pleural effusion", "no acute findings"] * 4, 300)
+    torch.manual_seed(0)
+    model = build_method(cfg, tok)
+    with torch.no_grad():
+        for name, p in model.vision.named_parameters():
+            if name.startswith("patch_embed"):
+                p.zero_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = read_manifest(tiny_dataset, ["train", "val", "pretrain", "pretrain-labeled", "pretrain-unpaired"])
+    test = read_manifest(tiny_dataset, ["test"])
+    frozen = evaluate_segmentation(model, tok, train, test, cfg, classes, tiny_dataset, fractions=(1.0,))
+    tuned = evaluate_segmentation(model, tok, train, test, cfg, classes, tiny_dataset, fractions=(1.0,),
+                                  encoder="finetune")
+    assert frozen["fractions"]["1"]["dice"] == 0.0 and tuned["fractions"]["1"]["dice"] > 0.03
+    assert tuned["protocol"]["encoder"] == "finetune" and frozen["protocol"]["encoder"] == "frozen"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="'frozen' or 'finetune'"):
+        evaluate_segmentation(model, tok, train, test, cfg, classes, tiny_dataset, encoder="tuned")
+
+
+def test_finetuned_tokens_use_layer_decayed_rates_and_fixed_statistics():
+    """The fine-tuned encoder's groups follow the finetune task's layer-wise decay (stem lowest,
+    top highest), warm up then decay, and its tokens are standardised by the given statistics."""
+    from medvlp.config import VisionConfig
+    from medvlp.eval.finetune import LAYER_DECAY
+    from medvlp.eval.segmentation import ENCODER_LR, FinetunedTokens
+    from medvlp.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(VisionConfig(image_size=16, patch_size=8, width=16, depth=2, heads=2))
+    mean, std = torch.full((16,), 0.5), torch.full((16,), 2.0)
+    tuned = FinetunedTokens(vit, mean, std)
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(tuned(x), (vit(x).tokens - 0.5) / 2.0, atol=1e-6)
+    groups = tuned.param_groups()
+    lrs = {g["lr"] for g in groups}
+    assert max(lrs) == pytest.approx(ENCODER_LR) and min(lrs) == pytest.approx(ENCODER_LR * LAYER_DECAY ** 3)
+    assert sum(len(g["params"]) for g in groups) == len(list(vit.parameters()))
+    opt = torch.optim.AdamW(groups)
+    tuned.schedule(opt, 0, 100)
+    first = [g["lr"] for g in opt.param_groups]
+    tuned.schedule(opt, 10, 100)
+    assert all(a < b for a, b in zip(first, [g["lr"] for g in opt.param_groups]))  # warming up
+    assert not any(p is q for p in tuned.parameters() for q in vit.parameters())  # a copy

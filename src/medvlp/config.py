@@ -171,6 +171,9 @@ class EvalConfig:
     # context vectors, full-batch on each label fraction of the linear probe
     prompt_tuning_steps: int = 100
     prompt_tuning_lr: float = 1e-2
+    # segmentation task: decoder on the frozen encoder's tokens, or the encoder fine-tuned with it
+    # (layer-wise learning-rate decay as the finetune task; docs/evaluation_dense.md)
+    segmentation_encoder: Literal["frozen", "finetune"] = "frozen"
 
 
 @dataclass

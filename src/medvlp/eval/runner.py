@@ -409,7 +409,7 @@ def _downstream(name: str, model: nn.Module, tokenizer, cfg, classes: list[str],
         "segmentation": lambda: evaluate_segmentation(model, tokenizer, pool, test, cfg, classes,
                                                       resolve_manifest(dataset).parent, fractions=fractions,
                                                       seeds=seeds, min_positives=cfg.eval.min_positives,
-                                                      device=device),
+                                                      device=device, encoder=cfg.eval.segmentation_encoder),
         "detection": lambda: evaluate_detection(model, tokenizer, pool, test, cfg, classes, fractions=fractions,
                                                 seeds=seeds, min_positives=cfg.eval.min_positives, device=device),
     }

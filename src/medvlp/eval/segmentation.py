@@ -1,4 +1,5 @@
-"""Segmentation from a frozen vision encoder: a light decoder on patch tokens, Dice per finding.
+"""Segmentation from a frozen (or, optionally, fine-tuned) vision encoder: a light decoder on
+patch tokens, Dice per finding.
 
 Protocol (fixed; docs/evaluation_dense.md, with the measurements that chose it):
 
@@ -28,6 +29,10 @@ Protocol (fixed; docs/evaluation_dense.md, with the measurements that chose it):
    median mask area where present (training pool) is at least ``LARGE_MIN_PATCHES`` patches: a
    finding smaller than one token is at the limit of what a ``g x g`` grid can draw. "No Finding"
    has no mask and is not scored.
+
+With ``encoder="finetune"`` (``eval.segmentation_encoder``) a copy of the vision tower trains
+with the decoder (:class:`FinetunedTokens`: layer-wise decayed rates as the finetune task, the
+frozen tokens' statistics for standardisation); everything else is the same.
 """
 from __future__ import annotations
 
@@ -41,7 +46,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvlp.data.sample import Sample
+from medvlp.errors import EvaluationError
 from medvlp.eval.dense_metrics import dice_from_stats, dice_per_class, dice_stats
+from medvlp.eval.finetune import LAYER_DECAY, _lr_factor, layer_id
+from medvlp.eval.finetune import WEIGHT_DECAY as FT_WEIGHT_DECAY
 from medvlp.eval.linear_probe import fraction_indices, fraction_key
 from medvlp.eval.localization import read_sample_masks
 
@@ -51,6 +59,7 @@ STEPS = 300         # updates at every fraction (the same number, so fractions d
 BATCH = 32
 LR = 3e-3
 WEIGHT_DECAY = 1e-4
+ENCODER_LR = 1e-3   # top of the encoder's layer-wise decayed rates when it is fine-tuned (finetune task's LR)
 POS_WEIGHT_MAX = 10.0  # BCE positive weight per class, sqrt(neg / pos pixel share), capped here
 THRESHOLD = 0.5
 LARGE_MIN_PATCHES = 1.0  # "large" classes: median mask area (where present, training pool) >= this many patches
@@ -147,6 +156,55 @@ def summarise_seeds(runs: list[dict], fractions: Sequence[float], key: str) -> d
 
 
 # ------------------------------------------------------------------------------ the decoder
+class FinetunedTokens(nn.Module):
+    """A copy of a vision tower trained with the decoder: images -> (B, N, D) patch tokens,
+    standardised by fixed statistics (the frozen tokens' of the training subset, so that the
+    decoder starts from the same input scale as in the frozen protocol). Its parameters get the
+    finetune task's layer-wise decayed learning rates (``ENCODER_LR`` x ``LAYER_DECAY`` ^ depth
+    below the top) with warm-up and cosine decay."""
+
+    def __init__(self, vision: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        import copy
+
+        self.vision = copy.deepcopy(vision).train()
+        self.register_buffer("mean", mean.detach().clone())
+        self.register_buffer("std", std.detach().clone())
+        self.dim = int(mean.shape[-1])
+        self._base: list[float] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.vision(images).tokens.float() - self.mean) / self.std
+
+    def param_groups(self) -> list[dict]:
+        blocks = getattr(self.vision, "blocks", None)
+        depth = len(blocks) if blocks is not None else 0
+        groups: dict[tuple[int, bool], dict] = {}
+        for name, param in self.vision.named_parameters():
+            if not param.requires_grad:
+                continue
+            lid = layer_id(name, depth) if blocks is not None else 0
+            decays = param.ndim >= 2 and not name.endswith(("cls_token", "pos_embed"))
+            group = groups.setdefault((lid, decays), {
+                "params": [], "lr": ENCODER_LR * LAYER_DECAY ** (depth + 1 - lid),
+                "weight_decay": FT_WEIGHT_DECAY if decays else 0.0, "encoder": True})
+            group["params"].append(param)
+        return [groups[k] for k in sorted(groups)]
+
+    def schedule(self, opt: torch.optim.Optimizer, step: int, total: int) -> None:
+        """Warm-up then cosine decay of the encoder's groups (the decoder's rate stays constant)."""
+        enc = [g for g in opt.param_groups if g.get("encoder")]
+        if not self._base:
+            self._base = [g["lr"] for g in enc]
+        for g, base in zip(enc, self._base):
+            g["lr"] = base * _lr_factor(step, total)
+
+    @torch.no_grad()
+    def tokens(self, images: torch.Tensor, batch: int, device) -> torch.Tensor:
+        self.eval()
+        return torch.cat([self(images[i:i + batch].to(device)).cpu() for i in range(0, len(images), batch)])
+
+
 class PatchDecoder(nn.Module):
     """(B, N, D) tokens on a g x g grid -> (B, K, sub * g, sub * g) logits.
 
@@ -185,19 +243,30 @@ def positive_weights(targets: torch.Tensor) -> torch.Tensor:
 
 
 def train_decoder(tokens: torch.Tensor, targets: torch.Tensor, seed: int, sub: int, *, steps: int = STEPS,
-                  batch: int = BATCH, lr: float = LR, device: torch.device | str = "cpu") -> PatchDecoder:
+                  batch: int = BATCH, lr: float = LR, device: torch.device | str = "cpu",
+                  encoder: FinetunedTokens | None = None) -> PatchDecoder:
     """Fit a :class:`PatchDecoder` with class-weighted BCE + soft Dice on (I, N, D) tokens and
-    (I, K, R, R) targets (float, or uint8 holding 255 x the soft value)."""
+    (I, K, R, R) targets (float, or uint8 holding 255 x the soft value).
+
+    With ``encoder`` (:class:`FinetunedTokens`), ``tokens`` are the training *images* and the
+    encoder is trained with the decoder (its own layer-wise decayed learning rates)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the layers' initialisation
-    head = PatchDecoder(tokens.shape[-1], targets.shape[1], sub).to(device)
+    dim = encoder.dim if encoder is not None else tokens.shape[-1]
+    head = PatchDecoder(dim, targets.shape[1], sub).to(device)
     pos_weight = positive_weights(targets).view(1, -1, 1, 1).to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
-    for _ in range(steps):
+    groups = [{"params": list(head.parameters()), "lr": lr, "weight_decay": WEIGHT_DECAY}]
+    if encoder is not None:
+        groups += encoder.param_groups()
+    opt = torch.optim.AdamW(groups)
+    for step in range(steps):
         idx = torch.randint(len(tokens), (min(batch, len(tokens)),), generator=gen)
         x, t = tokens[idx].to(device), targets[idx].to(device).float()
         if targets.dtype == torch.uint8:
             t = t / 255
+        if encoder is not None:
+            encoder.schedule(opt, step, steps)
+            x = encoder(x)
         logits = head(x)
         if logits.shape[-1] != t.shape[-1]:
             logits = F.interpolate(logits, size=t.shape[-2:], mode="bilinear", align_corners=False)
@@ -252,8 +321,10 @@ def frozen_patch_tokens(model, tokenizer, train: Sequence[Sample], test: Sequenc
 def evaluate_segmentation(model, tokenizer, train_samples: Sequence[Sample], test_samples: Sequence[Sample], cfg,
                           classes: Sequence[str], dataset_root: str | Path, *,
                           fractions: Sequence[float] = (0.01, 0.1, 1.0), seeds: Sequence[int] = (0,),
-                          min_positives: int = 1, device: torch.device | str = "cpu") -> dict:
-    """Dice per finding of a light decoder on frozen patch tokens (see the module docstring).
+                          min_positives: int = 1, device: torch.device | str = "cpu",
+                          encoder: str = "frozen") -> dict:
+    """Dice per finding of a light decoder on frozen patch tokens (see the module docstring), or,
+    with ``encoder="finetune"``, on the tokens of a copy of the vision tower trained with it.
 
     Args:
         model: a method with ``model.vision(images).tokens`` (B, N, D); left frozen.
@@ -284,14 +355,26 @@ def evaluate_segmentation(model, tokenizer, train_samples: Sequence[Sample], tes
     test_truth = mask_targets(test, root, scored, cfg.model.vision.image_size, pad, at_least=0.5)
 
     large = large_classes(train_t, scored, sub)
+    if encoder not in ("frozen", "finetune"):
+        raise ValueError(f"segmentation: encoder must be 'frozen' or 'finetune', got {encoder!r}")
+    if encoder == "finetune":
+        train_img, test_img = (_split_images(split, cfg, tokenizer, classes) for split in (train, test))
 
     runs = []
     for seed, subsets in training_subsets(train, scored, fractions, seeds, min_positives).items():
         run = {}
         for f, idx in subsets.items():
             idx_t = torch.as_tensor(idx, dtype=torch.long)
-            x_train, x_test = standardise(train_tok[idx_t], test_tok)
-            head = train_decoder(x_train, train_t[idx_t], seed, sub, device=device)
+            if encoder == "frozen":
+                x_train, x_test = standardise(train_tok[idx_t], test_tok)
+                head = train_decoder(x_train, train_t[idx_t], seed, sub, device=device)
+            else:
+                flat = train_tok[idx_t].reshape(-1, train_tok.shape[-1])  # the frozen protocol's statistics
+                std = flat.std(0).clamp(min=1e-6) if len(flat) > 1 else torch.ones(flat.shape[-1])
+                tuned = FinetunedTokens(model.vision, flat.mean(0), std).to(device)
+                head = train_decoder(train_img[idx_t], train_t[idx_t], seed, sub, device=device, encoder=tuned)
+                x_test = tuned.tokens(test_img, cfg.eval.batch_size, device)
+                del tuned
             res = dice_per_class(predict_dice(head, x_test, test_truth, device=device), scored)
             big = [res["per_class"][c] for c in large if c in res["per_class"]]
             run[fraction_key(f)] = {"dice": res["mean"], "per_class": res["per_class"], "n_train": len(idx),
@@ -310,12 +393,28 @@ def evaluate_segmentation(model, tokenizer, train_samples: Sequence[Sample], tes
                                 f"sub-patch logits, bilinear upsampling",
                      "loss": f"BCE (pos_weight sqrt(neg/pos), <= {POS_WEIGHT_MAX:g}) + soft Dice", "steps": STEPS,
                      "batch": BATCH, "lr": LR, "threshold": THRESHOLD, "eval_size": cfg.model.vision.image_size,
-                     "large_min_patches": LARGE_MIN_PATCHES},
+                     "large_min_patches": LARGE_MIN_PATCHES, "encoder": encoder,
+                     **({"encoder_lr": ENCODER_LR, "layer_decay": LAYER_DECAY} if encoder == "finetune" else {})},
     }
+
+
+def _split_images(samples: Sequence[Sample], cfg, tokenizer, classes) -> torch.Tensor:
+    """(I, C, H, W) preprocessed images of ``samples`` in order (all readable: they were encoded)."""
+    from medvlp.data.loader import make_loader
+
+    ids, images = [], []
+    for batch in make_loader(samples, cfg, tokenizer, classes, batch_size=cfg.eval.batch_size):
+        ids += list(batch.ids)
+        images.append(batch.images)
+    if ids != [s.id for s in samples]:
+        raise EvaluationError("segmentation: the images loaded for fine-tuning differ from the encoded ones "
+                              "(a file changed or became unreadable during the task)")
+    return torch.cat(images)
 
 
 __all__ = [
     "DenseTaskSkipped",
+    "FinetunedTokens",
     "PatchDecoder",
     "evaluate_segmentation",
     "large_classes",

@@ -93,18 +93,9 @@ def test_skipped_without_boxes(tiny_dataset, tmp_path):
 
 
 def test_tiny_clip_end_to_end(tiny_dataset, tmp_path):
-    from medvlp.config import load_config
-    from medvlp.data.manifest import read_info
-    from medvlp.data.tokenize import train_wordpiece
-    from medvlp.hub import build_method
-    from tests.conftest import TINY
+    from tests.test_segmentation import tiny_clip
 
-    cfg = load_config("configs/methods/clip.yaml", [*TINY, f"data.manifest={tiny_dataset}",
-                                                     f"train.output_dir={tmp_path}"])
-    classes = read_info(tiny_dataset)["classes"]
-    tok = train_wordpiece(["small right pleural effusion", "no acute findings"] * 4, 300)
-    torch.manual_seed(0)
-    model = build_method(cfg, tok)
+    cfg, classes, tok, model = tiny_clip(tiny_dataset, tmp_path)
     train, test = read_manifest(tiny_dataset, ["train"]), read_manifest(tiny_dataset, ["test"])
     res = evaluate_detection(model, tok, train, test, cfg, classes, seeds=(0, 1))
     assert set(res["fractions"]) == {"0.01", "0.1", "1"} and res["grid"] == 4 and model.training

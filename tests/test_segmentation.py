@@ -125,7 +125,9 @@ def test_skipped_without_vision_tower_or_masks(tiny_dataset, tmp_path):
         evaluate_segmentation(_Model(lambda x: None), tok, train, bare, cfg, classes, tiny_dataset)
 
 
-def test_tiny_clip_end_to_end(tiny_dataset, tmp_path):
+def tiny_clip(tiny_dataset, tmp_path):
+    """(cfg, classes, tokenizer, model): an untrained tiny CLIP on the fixture, seeded (also used
+    by the detection tests)."""
     from medvlp.hub import build_method
 
     cfg = load_config("configs/methods/clip.yaml", [*TINY, f"data.manifest={tiny_dataset}",
@@ -134,6 +136,11 @@ def test_tiny_clip_end_to_end(tiny_dataset, tmp_path):
     tok = train_wordpiece(["small right pleural effusion", "no acute findings"] * 4, 300)
     torch.manual_seed(0)
     model = build_method(cfg, tok)
+    return cfg, classes, tok, model
+
+
+def test_tiny_clip_end_to_end(tiny_dataset, tmp_path):
+    cfg, classes, tok, model = tiny_clip(tiny_dataset, tmp_path)
     train, test = read_manifest(tiny_dataset, ["train"]), read_manifest(tiny_dataset, ["test"])
     res = evaluate_segmentation(model, tok, train, test, cfg, classes, tiny_dataset, seeds=(0, 1))
     assert set(res["fractions"]) == {"0.01", "0.1", "1"} and res["grid"] == 4 and model.training
@@ -194,14 +201,7 @@ def test_finetuned_encoder_learns_what_a_frozen_blind_one_cannot(tiny_dataset, t
     """encoder="finetune" trains a copy of the vision tower with the decoder: a ViT whose patch
     embedding is zeroed gives the same tokens for every image (frozen Dice 0), and fine-tuning it
     learns to see the findings; the evaluated model itself is left untouched."""
-    from medvlp.hub import build_method
-
-    cfg = load_config("configs/methods/clip.yaml", [*TINY, f"data.manifest={tiny_dataset}",
-                                                     f"train.output_dir={tmp_path}"])
-    classes = read_info(tiny_dataset)["classes"]
-    tok = train_wordpiece(["small right pleural effusion", "no acute findings"] * 4, 300)
-    torch.manual_seed(0)
-    model = build_method(cfg, tok)
+    cfg, classes, tok, model = tiny_clip(tiny_dataset, tmp_path)
     with torch.no_grad():
         for name, p in model.vision.named_parameters():
             if name.startswith("patch_embed"):

@@ -137,3 +137,22 @@ def test_model_without_vision_tower_is_refused(tiny_dataset, tmp_path):
     cfg = load_config("configs/methods/clip.yaml", [*TINY, f"data.manifest={tiny_dataset}"])
     with pytest.raises(EvaluationError, match="no image encoder"):
         evaluate_finetune(torch.nn.Linear(2, 2), [], [], cfg, ["a"])
+
+
+def test_stale_split_file_stops_the_run_instead_of_skipping_finetune(tiny_dataset, tmp_path):
+    """Through the runner (``--tasks finetune`` into an old --out): a split file made under another
+    min_positives stops the evaluation; it is not turned into a 'skipped' task."""
+    from medvlp.errors import SplitFileError
+    from medvlp.eval import runner
+    from medvlp.eval.linear_probe import write_splits
+    from medvlp.hub import build_method
+
+    cfg = load_config("configs/methods/clip.yaml", [*TINY, f"data.manifest={tiny_dataset}", "eval.tasks=[finetune]",
+                                                     f"train.output_dir={tmp_path / 'run'}"])
+    train = read_manifest(tiny_dataset, [cfg.eval.probe_train_split])
+    tok = train_wordpiece([s.text() for s in train], 300)
+    out = tmp_path / "eval"
+    write_splits(out, 0, {f: [s.id for s in train] for f in cfg.eval.fractions}, cfg.eval.min_positives + 1)
+    with pytest.raises(SplitFileError, match=r"made with eval\.min_positives"):
+        runner.evaluate_models({"clip": (build_method(cfg, tok), tok)}, cfg, tiny_dataset, out,
+                               pretrain_subjects=None, progress=False)

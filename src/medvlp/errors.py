@@ -29,3 +29,9 @@ class CheckpointError(MedvlpError):
 
 class EvaluationError(MedvlpError):
     """Evaluation refused to run (e.g. test subjects were seen in pre-training)."""
+
+
+class SplitFileError(EvaluationError):
+    """A label-fraction split file in the evaluation folder that belongs to another run (another
+    ``eval.min_positives`` or another dataset). Always stops the evaluation: a task that trains on
+    the pool must not skip over it, or its numbers would silently come from other subsets."""

@@ -1,8 +1,10 @@
-"""Downstream evaluation: zero-shot classification, image-text retrieval and linear
-probing, with a markdown / JSON / PNG report.
+"""Downstream evaluation: zero-shot classification, image-text retrieval, linear probing, prompt
+tuning, localisation, VQA, fine-tuning, segmentation and detection, with a markdown / JSON / PNG
+report.
 
-The task modules are pure, array-level functions (embeddings and label codes in, dicts
-out); :func:`evaluate_models` in :mod:`medvlp.eval.runner` wires them to datasets and
+The classification and retrieval modules are pure, array-level functions (embeddings and label
+codes in, dicts out); the dense, VQA and fine-tuning tasks take the model and samples;
+:func:`evaluate_models` in :mod:`medvlp.eval.runner` wires them to datasets and
 models and is what ``medvlp evaluate`` calls.
 """
 from medvlp.eval.linear_probe import evaluate_linear_probe, make_fraction_splits

@@ -1,6 +1,6 @@
 """Detection from a frozen vision encoder: a linear CenterNet-style head on patch tokens, mAP.
 
-Protocol (fixed constants below; docs/evaluation_dense.md):
+Protocol (fixed constants below; docs/evaluation.md, section on detection):
 
 1. **Boxes.** A manifest row's ``meta["findings"]`` lists findings with ``name`` (class) and
    ``bbox`` ``[x0, y0, x1, y1)`` in original image pixels (findings without a bbox, e.g. some

@@ -16,9 +16,10 @@ Protocol (fixed; the constants below are part of it):
   fraction but at least ``MIN_STEPS`` steps (1 % fractions hold few images), linear warmup over
   the first ``WARMUP_FRACTION`` of the steps then cosine decay to 0; no augmentation.
 - **Loss**: :func:`medvlp.methods.supervised.masked_bce` (uncertain / missing labels masked).
-- **Data**: the same nested stratified label fractions as the linear probe
-  (:func:`medvlp.eval.linear_probe.fraction_indices`, same ``min_positives`` and seed, over the
-  training pool in the order given), so fine-tuning and probing see identical subsets.
+- **Data**: the linear probe's own subsets: read from its split files in ``out_dir``
+  (``splits/probe_seed<seed>.json``), or made with the probe's
+  :func:`medvlp.eval.linear_probe.probe_split_indices` (same ``min_positives`` and seed) and
+  written there, so fine-tuning and probing see identical subsets.
 - **Metric**: test AUROC per class (:func:`medvlp.eval.metrics.auroc_per_class`) and its mean,
   mean ± sd (ddof=1) over seeds per fraction.
 """

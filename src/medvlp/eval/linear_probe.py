@@ -37,7 +37,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from medvlp.data.sample import NEGATIVE, POSITIVE
-from medvlp.errors import EvaluationError
+from medvlp.errors import EvaluationError, SplitFileError
 from medvlp.eval.metrics import auroc_per_class, to_numpy
 
 PROBE_C = 1.0
@@ -143,7 +143,7 @@ def probe_split_indices(train_ids: Sequence[str], codes: np.ndarray, fractions: 
         payload = json.loads(path.read_text())
         saved = payload["fractions"]
         if payload.get("min_positives", min_positives) != min_positives:
-            raise EvaluationError(f"{path}: made with eval.min_positives={payload['min_positives']}, this run uses "
+            raise SplitFileError(f"{path}: made with eval.min_positives={payload['min_positives']}, this run uses "
                                   f"{min_positives}; its subsets would not be this run's. Use a fresh --out folder, "
                                   "or delete the splits folder to make new ones")
         if all(fraction_key(f) in saved for f in fractions):
@@ -151,7 +151,7 @@ def probe_split_indices(train_ids: Sequence[str], codes: np.ndarray, fractions: 
             try:
                 return {f: np.array([row[sid] for sid in saved[fraction_key(f)]], dtype=np.int64) for f in fractions}, str(path)
             except KeyError as exc:
-                raise EvaluationError(f"{path}: sample {exc} is not in the probe's training split; the split file "
+                raise SplitFileError(f"{path}: sample {exc} is not in the probe's training split; the split file "
                                       "belongs to another dataset: use a fresh --out folder") from None
     indices = fraction_indices(codes, fractions, min_positives, seed)
     if path is None:

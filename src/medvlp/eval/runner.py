@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from medvlp.data.manifest import read_info, read_manifest
 from medvlp.data.sample import Sample, hash_subject
-from medvlp.errors import DataError, EvaluationError
+from medvlp.errors import DataError, EvaluationError, SplitFileError
 from medvlp.eval.linear_probe import evaluate_linear_probe
 from medvlp.eval.localization import LocalizationSkipped, evaluate_localization
 from medvlp.eval.metrics import auroc_per_class
@@ -420,6 +420,8 @@ def _downstream(name: str, model: nn.Module, tokenizer, cfg, classes: list[str],
         try:
             out[task] = run()
         except (DenseTaskSkipped, EvaluationError) as exc:
+            if isinstance(exc, SplitFileError):  # another run's subsets: stop, as prompt tuning does
+                raise
             log.warning("%s: %s skipped: %s", name, task, exc)
             out["meta"].setdefault("skipped_tasks", {})[task] = str(exc)
         out["meta"].setdefault("seconds", {})[task] = round(time.perf_counter() - t0, 2)

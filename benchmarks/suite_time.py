@@ -43,12 +43,13 @@ TINY_MODEL = [
     "data.batch_size=8", "train.warmup_steps=1", "train.log_every=5", "train.progress=false",
     "train.tensorboard=false",
 ]
-# (module, attribute, task name) of the functions timed; the runner imports the first five by name,
+# (module, attribute, task name) of the functions timed; the runner imports its seven by name,
 # the downstream tasks are imported from their modules at call time
 TIMED = [
     ("medvlp.eval.runner", "embed_split", "embed"),
     ("medvlp.eval.runner", "evaluate_zero_shot", "zeroshot"),
     ("medvlp.eval.runner", "evaluate_retrieval", "retrieval"),
+    ("medvlp.eval.runner", "evaluate_retrieval_itm", "retrieval_itm"),
     ("medvlp.eval.runner", "evaluate_linear_probe", "linear_probe"),
     ("medvlp.eval.runner", "evaluate_localization", "localization"),
     ("medvlp.eval.runner", "evaluate_prompt_tuning", "prompt_tuning"),

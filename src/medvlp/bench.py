@@ -141,6 +141,10 @@ COLUMNS = [
     ("probe_auroc@1", "probe AUROC 100 %"),
     ("i2t_R@1", "i→t R@1"), ("i2t_R@5", "i→t R@5"), ("i2t_R@10", "i→t R@10"),
     ("t2i_R@1", "t→i R@1"), ("t2i_R@5", "t→i R@5"), ("t2i_R@10", "t→i R@10"),
+    ("itm_rerank_i2t_R@1", "i→t R@1, ITM re-ranked"), ("itm_rerank_i2t_R@10", "i→t R@10, ITM re-ranked"),
+    ("itm_rerank_t2i_R@1", "t→i R@1, ITM re-ranked"), ("itm_rerank_t2i_R@10", "t→i R@10, ITM re-ranked"),
+    ("itm_pool_i2t_R@10", "pool i→t R@10, ITM"), ("itm_pool_t2i_R@10", "pool t→i R@10, ITM"),
+    ("itc_pool_i2t_R@10", "pool i→t R@10, ITC"), ("itc_pool_t2i_R@10", "pool t→i R@10, ITC"),
     ("head_auroc", "head AUROC"),
     ("prompt_tuning_auroc@0.01", "prompt tuning AUROC 1 %"),
     ("pointing_game", "pointing game"), ("iou_top10", "top-10 % IoU"),
@@ -166,6 +170,12 @@ def extract_metrics(evaluation: dict) -> dict:
     for direction, short in (("image_to_text", "i2t"), ("text_to_image", "t2i")):
         for k, v in ((evaluation.get("retrieval") or {}).get(direction) or {}).items():
             out[f"{short}_{k}"] = v
+    itm = evaluation.get("retrieval_itm") or {}
+    for part, key, prefix in (("rerank", None, "itm_rerank"), ("pool", "itm", "itm_pool"), ("pool", "itc", "itc_pool")):
+        entry = (itm.get(part) or {}) if key is None else ((itm.get(part) or {}).get(key) or {})
+        for direction, short in (("image_to_text", "i2t"), ("text_to_image", "t2i")):
+            for k, v in (entry.get(direction) or {}).items():
+                out[f"{prefix}_{short}_{k}"] = v
     if "supervised_head" in evaluation:
         out["head_auroc"] = evaluation["supervised_head"].get("mean")
     if "zeroshot_learned" in evaluation:

@@ -56,9 +56,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("checkpoints", nargs="+", help="checkpoint folders or run folders (latest checkpoint)")
     p.add_argument("--data", default=None, help="dataset folder or manifest (default: the one the first model trained on)")
     p.add_argument("--tasks", default=None,
-                   help="comma-separated subset of zeroshot,retrieval,linear_probe,localization,prompt_tuning,vqa,"
-                        "finetune,segmentation,detection, or 'all' (the whole suite; tasks that do not apply to a "
-                        "model are skipped and listed in the report)")
+                   help="comma-separated subset of zeroshot,retrieval,retrieval_itm,linear_probe,localization,"
+                        "prompt_tuning,vqa,finetune,segmentation,detection, or 'all' (the whole suite; tasks that "
+                        "do not apply to a model are skipped and listed in the report)")
     p.add_argument("--all-tasks", action="store_true", help="run the whole suite (same as --tasks all)")
     p.add_argument("--out", default=None, help="report folder (default: <first checkpoint>/eval)")
     p.add_argument("--random-init", action="store_true",

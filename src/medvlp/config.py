@@ -155,8 +155,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: list[Literal["zeroshot", "retrieval", "linear_probe", "localization", "prompt_tuning", "vqa", "finetune",
-                       "segmentation", "detection"]] = field(
+    tasks: list[Literal["zeroshot", "retrieval", "retrieval_itm", "linear_probe", "localization", "prompt_tuning", "vqa",
+                       "finetune", "segmentation", "detection"]] = field(
         default_factory=lambda: ["zeroshot", "retrieval", "linear_probe"]
     )
     split: str = "test"
@@ -174,6 +174,10 @@ class EvalConfig:
     # segmentation task: decoder on the frozen encoder's tokens, or the encoder fine-tuned with it
     # (layer-wise learning-rate decay as the finetune task; docs/evaluation_dense.md)
     segmentation_encoder: Literal["frozen", "finetune"] = "frozen"
+    # retrieval_itm task (methods with an ITM head): the ITC candidates re-ranked per query, and the
+    # size of the fixed pool of test pairs scored all against all
+    itm_rerank_k: int = 16
+    itm_pool_size: int = 256
 
 
 @dataclass
@@ -371,6 +375,11 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
     if not 0 <= tr.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio: must be within [0, 1], got {tr.min_lr_ratio}")
     _positive("eval", cfg.eval, "prompt_tuning_steps", "prompt_tuning_lr")
+    if cfg.eval.itm_rerank_k < 10:
+        raise ConfigError(f"eval.itm_rerank_k: must be >= 10 (Recall@10 needs the top 10 re-ranked), "
+                          f"got {cfg.eval.itm_rerank_k}")
+    if cfg.eval.itm_pool_size < 10:
+        raise ConfigError(f"eval.itm_pool_size: must be >= 10 test pairs, got {cfg.eval.itm_pool_size}")
     for frac in cfg.eval.fractions:
         if not 0 < frac <= 1:
             raise ConfigError(f"eval.fractions: each fraction must be within (0, 1], got {frac}")

@@ -94,6 +94,17 @@ def _rows(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str]
                 f"{arrow} label P@{k}",
                 lambda m, d=direction, k=k: _num(m["retrieval"]["label_precision"][d][f"P@{k}"]),
             )
+    for direction, arrow in (("image_to_text", "image→text"), ("text_to_image", "text→image")):
+        for k in (1, 10):
+            add(f"{arrow} R@{k}, ITC top-k re-ranked by ITM",
+                lambda m, d=direction, k=k: _num(m["retrieval_itm"]["rerank"][d][f"R@{k}"]))
+        for k in (1, 10):
+            add(f"{arrow} R@{k}, ITM over the pool (chance)",
+                lambda m, d=direction, k=k: f"{_num(m['retrieval_itm']['pool']['itm'][d][f'R@{k}'])} "
+                f"({_num(m['retrieval_itm']['pool']['chance'][f'R@{k}'])})")
+            add(f"{arrow} R@{k}, ITC over the pool (chance)",
+                lambda m, d=direction, k=k: f"{_num(m['retrieval_itm']['pool']['itc'][d][f'R@{k}'])} "
+                f"({_num(m['retrieval_itm']['pool']['chance'][f'R@{k}'])})")
     fraction_keys: list[str] = []
     for metrics in results.values():
         for key in (metrics.get("linear_probe") or {}).get("fractions", {}):

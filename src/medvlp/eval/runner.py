@@ -2,7 +2,7 @@
 
 :func:`evaluate_models` reads a prepared dataset, checks that the test subjects are
 disjoint from pre-training (and from the probe's training split), embeds each split
-once per model, runs the tasks of ``cfg.eval.tasks`` (zeroshot, retrieval,
+once per model, runs the tasks of ``cfg.eval.tasks`` (zeroshot, retrieval, retrieval_itm,
 linear_probe, localization, prompt_tuning, vqa, finetune, segmentation, detection)
 and writes the report (:mod:`medvlp.eval.report`).
 
@@ -42,6 +42,7 @@ from medvlp.eval.prompt_tuning import evaluate_prompt_tuning, supports_prompt_tu
 from medvlp.eval.prompts import load_prompts
 from medvlp.eval.report import write_report
 from medvlp.eval.retrieval import evaluate_retrieval
+from medvlp.eval.retrieval_itm import RetrievalItmSkipped, evaluate_retrieval_itm
 from medvlp.eval.zeroshot import (
     DEFAULT_LOGIT_SCALE,
     evaluate_zero_shot,
@@ -51,8 +52,8 @@ from medvlp.eval.zeroshot import (
 log = logging.getLogger(__name__)
 
 MAX_ZERO_SHOT_SCALE = 100.0
-TASKS = ("zeroshot", "retrieval", "linear_probe", "localization", "prompt_tuning", "vqa", "finetune", "segmentation",
-         "detection")
+TASKS = ("zeroshot", "retrieval", "retrieval_itm", "linear_probe", "localization", "prompt_tuning", "vqa", "finetune",
+         "segmentation", "detection")
 #: tasks that train on the probe's training split (``eval.probe_train_split``)
 POOL_TASKS = ("linear_probe", "prompt_tuning", "vqa", "finetune", "segmentation", "detection")
 
@@ -350,6 +351,16 @@ def _evaluate_one(name: str, model: nn.Module, tokenizer, cfg, classes: list[str
         keep = torch.as_tensor(np.flatnonzero([bool(t.strip()) for t in emb.texts]), dtype=torch.long)  # images without a report have no pair
         out["retrieval"] = evaluate_retrieval(emb.image_emb[keep], emb.text_emb[keep],
                                               [emb.texts[i] for i in keep.tolist()], emb.labels[keep])
+    if "retrieval_itm" in tasks:
+        t0 = time.perf_counter()
+        try:
+            out["retrieval_itm"] = evaluate_retrieval_itm(
+                model, _make_loader(test, cfg, tokenizer, classes, cfg.eval.batch_size), rerank_k=cfg.eval.itm_rerank_k,
+                pool_size=cfg.eval.itm_pool_size, batch_size=4 * cfg.eval.batch_size, device=device)
+        except RetrievalItmSkipped as exc:
+            log.warning("%s: retrieval_itm skipped: %s", name, exc)
+            out["meta"].setdefault("skipped_tasks", {})["retrieval_itm"] = str(exc)
+        out["meta"].setdefault("seconds", {})["retrieval_itm"] = round(time.perf_counter() - t0, 2)
     if "localization" in tasks:
         t0 = time.perf_counter()
         try:

@@ -16,8 +16,9 @@ One step, all samples paired:
   fused in one extra fusion pass over the already encoded (masked) sequences; the matching head
   reads concat(fused image [CLS], fused report [CLS]).
 
-L = L_MIM + L_MLM + itm_weight * L_ITM. M3AE has no shared embedding space, so evaluation runs
-only the linear probe (on the image encoder's pooled features). :class:`M3ae` is also the base
+L = L_MIM + L_MLM + itm_weight * L_ITM. M3AE has no shared embedding space: zero-shot and ITC
+retrieval do not apply; the image tasks run on the image encoder, VQA on the fused features and
+retrieval on the ITM head (``retrieval_itm``, on a fixed pool of test pairs). :class:`M3ae` is also the base
 of MPMA (:mod:`medvlp.methods.mpma`), which adds memory slots, alignment and hard negatives
 through the hooks ``_fusion_memory_slots``, ``_wants_attention`` and ``_alignment``.
 """
@@ -144,15 +145,40 @@ class FusionHeads:
         self.itm_head = ItmHead(2 * width) if m.itm_weight > 0 else None
         return width
 
-    def vqa_features(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, 2W) fused features of (image, question) pairs for the VQA task: the fusion encoder's
-        image and question [CLS] states, concatenated (what the ITM head reads), computed from the
-        whole image (no masking) and the unmasked question."""
-        vis, txt = self.vision(images), self.text(input_ids, attention_mask)
-        image_seq = self.image_to_fusion(torch.cat([vis.pooled[:, None], vis.tokens], dim=1))
-        fused_img, fused_txt = self.fusion(image_seq, self.text_to_fusion(txt.tokens), txt.padding_mask,
-                                           first_token_only=True)
+    # ------------------------------------------------------------------ evaluation (whole inputs)
+    def fusion_image_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + N, W): the whole image's [CLS] + patch tokens (no masking), projected to the
+        fusion width."""
+        vis = self.vision(images)
+        return self.image_to_fusion(torch.cat([vis.pooled[:, None], vis.tokens], dim=1))
+
+    def fusion_text_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The unmasked report's tokens projected to the fusion width (B, L, W) and its padding
+        mask (B, L), True at padding (None when nothing is padded)."""
+        txt = self.text(input_ids, attention_mask)
+        return self.text_to_fusion(txt.tokens), txt.padding_mask
+
+    def fused_pair(self, image_seq: torch.Tensor, text_seq: torch.Tensor,
+                   text_padding: torch.Tensor | None) -> torch.Tensor:
+        """(B, 2W): the fusion encoder's image and report [CLS] states of B (image, report) pairs,
+        concatenated (what the ITM head reads)."""
+        fused_img, fused_txt = self.fusion(image_seq, text_seq, text_padding, first_token_only=True)
         return torch.cat([fused_img[:, 0], fused_txt[:, 0]], dim=-1)
+
+    def vqa_features(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, 2W) fused features of (image, question) pairs for the VQA task (:meth:`fused_pair` of
+        the whole image and the unmasked question)."""
+        return self.fused_pair(self.fusion_image_inputs(images), *self.fusion_text_inputs(input_ids, attention_mask))
+
+    def itm_logits(self, image_seq: torch.Tensor, text_seq: torch.Tensor,
+                   text_padding: torch.Tensor | None) -> torch.Tensor:
+        """(B,) the ITM head's log-odds that each (image, report) pair matches, from the
+        :meth:`fusion_image_inputs` / :meth:`fusion_text_inputs` sequences (retrieval by ITM)."""
+        if self.itm_head is None:
+            raise ValueError(f"{type(self).__name__} was built without an ITM head (method.itm_weight is 0)")
+        logits = self.itm_head(self.fused_pair(image_seq, text_seq, text_padding)).float()
+        return logits[:, 1] - logits[:, 0]  # class 1 = match (the positives of itm_pairs)
 
     def itm_pairs_for(self, batch, sim: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:func:`itm_pairs` for this batch: one negative per image and per report drawn by
@@ -172,8 +198,7 @@ class FusionHeads:
         neg_img, neg_txt = image_index[b:], text_index[b:]
         if neg_img.numel():  # the negatives: one more fusion pass ([CLS] rows only), no extra encoder pass
             padding = None if views.text_padding is None else views.text_padding[neg_txt]
-            ni, nt = self.fusion(views.image_seq[neg_img], views.text_seq[neg_txt], padding, first_token_only=True)
-            reps.append(torch.cat([ni[:, 0], nt[:, 0]], dim=-1))
+            reps.append(self.fused_pair(views.image_seq[neg_img], views.text_seq[neg_txt], padding))
         logits = self.itm_head(torch.cat(reps)).float()
         return F.cross_entropy(logits, target)
 

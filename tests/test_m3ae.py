@@ -175,3 +175,28 @@ def check_fused_vqa_features(method, batch) -> torch.Tensor:
 def test_vqa_features_are_the_fused_cls_pair_and_depend_on_both_inputs(tiny_dataset, tmp_path):
     method, batch, _ = _method_and_batch(tiny_dataset, tmp_path)
     check_fused_vqa_features(method, batch)
+
+
+@pytest.mark.parametrize("recipe", [RECIPE, "configs/methods/mpma.yaml"])
+def test_itm_on_whole_inputs_fuses_the_unmasked_pairs(tiny_dataset, tmp_path, recipe):
+    """``itm_inputs: whole``: the ITM term is the head's cross-entropy on the whole images and the
+    unmasked reports (the same pairs as the masked term, by the same seed), and it trains the head."""
+    import torch.nn.functional as F
+
+    method, batch, _ = _method_and_batch(tiny_dataset, tmp_path, "method.itm_inputs=whole", recipe=recipe)
+    method.eval()  # no dropout: the hand-computed loss below must see the same forward
+    torch.manual_seed(3)
+    got = method(batch)["loss_itm"]
+    torch.manual_seed(3)
+    views = method.masked_views(batch)  # draws the masks first, as forward does, so the pairs match
+    _, _, sim = method._alignment(batch, views)
+    image_index, text_index, target = method.itm_pairs_for(batch, sim)
+    with torch.no_grad():
+        image_seq = method.fusion_image_inputs(batch.images)
+        text_seq, padding = method.fusion_text_inputs(batch.input_ids, batch.attention_mask)
+        logits = method.itm_head(method.fused_pair(image_seq[image_index], text_seq[text_index],
+                                                   None if padding is None else padding[text_index]))
+    assert torch.allclose(got, F.cross_entropy(logits.float(), target), atol=1e-5)
+    method.train()
+    method(batch)["loss"].backward()
+    assert method.itm_head.fc.weight.grad.abs().sum() > 0

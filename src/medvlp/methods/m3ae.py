@@ -25,6 +25,7 @@ through the hooks ``_fusion_memory_slots``, ``_wants_attention`` and ``_alignmen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,9 @@ class M3aeConfig(FusionConfig):
     decoder_depth: int = 2
     decoder_heads: int = 4
     norm_pix: bool = True
+    # what the ITM term fuses: the masked views of the main pass (no extra encoder pass) or the whole
+    # image and the unmasked report, as M3AE's paper does (one more pass of both encoders)
+    itm_inputs: Literal["masked", "whole"] = "masked"
 
     def validate(self, prefix: str) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
@@ -190,6 +194,16 @@ class FusionHeads:
             sim = torch.zeros(b, b, device=device)
         return itm_pairs(*sample_hard_negatives(sim.detach(), same))
 
+    def _itm_loss_whole(self, batch, sim: torch.Tensor | None) -> torch.Tensor:
+        """ITM on the whole images and unmasked reports (``itm_inputs: whole``): one more pass of both
+        encoders, then the positives and the drawn negatives through the fusion ([CLS] rows only)."""
+        image_index, text_index, target = self.itm_pairs_for(batch, sim)
+        image_seq = self.fusion_image_inputs(batch.images)
+        text_seq, padding = self.fusion_text_inputs(batch.input_ids, batch.attention_mask)
+        padding = None if padding is None else padding[text_index]
+        logits = self.itm_head(self.fused_pair(image_seq[image_index], text_seq[text_index], padding)).float()
+        return F.cross_entropy(logits, target)
+
     def _itm_loss(self, batch, views: MaskedViews, fused_img: torch.Tensor, fused_txt: torch.Tensor,
                   sim: torch.Tensor | None) -> torch.Tensor:
         image_index, text_index, target = self.itm_pairs_for(batch, sim)
@@ -273,7 +287,9 @@ class M3ae(FusionHeads, Method):
         }
         extra_terms, metrics, sim = self._alignment(batch, views)
         terms.update(extra_terms)
-        if self.itm_head is not None:
+        if self.itm_head is not None and self.cfg.itm_inputs == "whole":
+            terms["itm"] = (self.cfg.itm_weight, self._itm_loss_whole(batch, sim))
+        elif self.itm_head is not None:
             terms["itm"] = (self.cfg.itm_weight, self._itm_loss(batch, views, fused_img, fused_txt, sim))
         loss = sum(weight * term for weight, term in terms.values())
         return {"loss": loss, **{f"loss_{k}": term.detach() for k, (_, term) in terms.items()}, **metrics}

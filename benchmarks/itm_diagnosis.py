@@ -90,6 +90,8 @@ def negatives(texts, gen):
     """One report index per image, uniform among the samples whose report differs."""
     norm = [" ".join(t.lower().split()) for t in texts]
     n = len(norm)
+    if len(set(norm)) < 2:
+        raise SystemExit("itm_diagnosis: every test report has the same text; there is no negative to draw")
     out = []
     for i in range(n):
         while True:
@@ -120,6 +122,7 @@ def heldout_auroc(score_fn, feats, neg) -> float:
 def train_matcher(matcher, feats, steps, batch, lr, gen):
     opt = torch.optim.AdamW(matcher.parameters(), lr=lr, weight_decay=0.05)
     n = feats["image"].shape[0]
+    batch = min(batch, n)
     norm = [" ".join(t.lower().split()) for t in feats["texts"]]
     codes = torch.tensor([hash(t) for t in norm])
     losses = []

@@ -47,6 +47,9 @@ def test_rerank_orders_the_candidates_by_itm_above_everything_else():
     # ITM scores far below the similarities still stay on top
     out = rerank_scores(sim, candidates, np.array([[-100.0, -200.0]]))
     assert list(np.argsort(-out[0], kind="stable")) == [0, 1, 4, 2, 3]
+    # equal ITM scores keep the ITC order, whatever the candidates' column order
+    out = rerank_scores(sim, np.array([[4, 2, 1]]), np.array([[0.5, 0.5, 0.5]]))
+    assert list(np.argsort(-out[0], kind="stable")) == [1, 4, 2, 0, 3]  # by index it would be 1, 2, 4
 
 
 def test_pool_is_fixed_by_the_ids_not_their_order():
@@ -63,13 +66,14 @@ class _FakeFusion(nn.Module):
     or 0 for every pair (``constant``). With ``shared``, ITC embeddings are the codes plus noise
     that often puts the true pair outside the top 1 but inside the top 16."""
 
-    def __init__(self, n: int, constant: bool = False, shared: bool = False):
+    def __init__(self, n: int, constant: bool = False, shared: bool = False, asym: float = 0.5):
         super().__init__()
         self.n, self.constant, self.supports_text = n, constant, shared
         self.itm_head = nn.Linear(2, 2)
         self.calls = 0
         g = torch.Generator().manual_seed(0)
         self.noise_i, self.noise_t = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        self.asym = torch.rand(n, n, generator=g) * asym  # above 10 it can outweigh the match
 
     def _code(self, codes):
         return F.one_hot(codes, self.n).float()
@@ -78,13 +82,24 @@ class _FakeFusion(nn.Module):
         return self._code(images[:, 0, 0, 0].long())[:, None, :]
 
     def fusion_text_inputs(self, input_ids, attention_mask):
-        seq = self._code(input_ids[:, 0])[:, None, :].expand(-1, input_ids.shape[1], -1)
-        return seq, attention_mask == 0
+        seq = self._code(input_ids[:, 0])[:, None, :].expand(-1, input_ids.shape[1], -1).clone()
+        padding = attention_mask == 0
+        seq[padding] = float("nan")  # what a padded position holds is never to be used
+        return seq, padding
 
     def itm_logits(self, image_seq, text_seq, text_padding):
         self.calls += image_seq.shape[0]
+        if text_padding is not None:  # padded positions must never be read as a report's tokens
+            assert torch.isfinite(text_seq[~text_padding]).all()
         agree = (image_seq[:, 0] * text_seq[:, 0]).sum(-1)
-        return torch.zeros_like(agree) if self.constant else 10 * agree
+        if self.constant:
+            return torch.zeros_like(agree)
+        # + a fixed score that differs between (image a, report b) and (image b, report a)
+        return 10 * agree + self.asym[image_seq[:, 0].argmax(-1), text_seq[:, 0].argmax(-1)]
+
+    def score(self, i: int, t: int) -> float:
+        """The matcher's score of image code i with report code t (the brute-force reference)."""
+        return (0.0 if self.constant else 10.0 * (i == t) + float(self.asym[i, t]))
 
     def encode_image(self, images):
         codes = images[:, 0, 0, 0].long()
@@ -100,8 +115,11 @@ def _batches(n: int, batch: int = 16):
     for start in range(0, n, batch):
         idx = torch.arange(start, min(n, start + batch))
         images = idx.float()[:, None, None, None].expand(-1, 1, 4, 4).clone()
-        ids = torch.stack([idx, torch.full_like(idx, 7), torch.zeros_like(idx)], 1)
-        mask = torch.tensor([[1, 1, 0]]).expand(len(idx), -1)
+        length = 3 + start // batch  # every batch padded to its own longest report, as the collator does
+        ids = torch.cat([idx[:, None], torch.full((len(idx), length - 1), 7)], 1)
+        mask = torch.ones(len(idx), length, dtype=torch.long)
+        mask[:, length - 1] = 0
+        mask[0, 2:] = 0  # one shorter report inside the batch
         texts = [f"report {i}" for i in idx.tolist()]
         out.append(SimpleNamespace(images=images, input_ids=ids, attention_mask=mask, texts=texts,
                                    ids=[f"s{i}" for i in idx.tolist()]))
@@ -123,8 +141,8 @@ def test_oracle_matcher_retrieves_everything_and_a_constant_one_is_at_chance():
 
 def test_reranking_lifts_itc_to_the_itm_order_within_the_top_k():
     n = 40
-    model = _FakeFusion(n, shared=True)
-    res = evaluate_retrieval_itm(model, _batches(n), rerank_k=16, pool_size=20)
+    model = _FakeFusion(n, shared=True, asym=20.0)  # the re-ranked order is not just "true pair first"
+    res = evaluate_retrieval_itm(model, _batches(n), rerank_k=16, pool_size=20, ks=(1, 2, 3, 5, 10))
     rr = res["rerank"]
     assert rr["n"] == n and rr["k"] == 16
     itc_r1 = rr["itc"]["image_to_text"]["R@1"]
@@ -133,7 +151,29 @@ def test_reranking_lifts_itc_to_the_itm_order_within_the_top_k():
     img = torch.cat([model.encode_image(b.images) for b in _batches(n)]).double()
     txt = torch.cat([model.encode_text(b.input_ids, b.attention_mask) for b in _batches(n)]).double()
     rank = (np.argsort(-(img @ txt.T).numpy(), axis=1, kind="stable") == np.arange(n)[:, None]).argmax(1)
-    assert rr["image_to_text"]["R@1"] == pytest.approx(np.mean(rank < 16)) and rr["image_to_text"]["R@1"] > itc_r1
+    assert rr["image_to_text"]["R@1"] < 1.0  # the asymmetric part outranks some true pairs
+    # brute force, both directions: each query's ITC top 16 sorted by the matcher's own score
+    sim = (img @ txt.T).numpy()
+    for direction, scores, key in (("image_to_text", sim, lambda q, c: model.score(q, c)),
+                                   ("text_to_image", sim.T, lambda q, c: model.score(c, q))):
+        order = np.argsort(-scores, axis=1, kind="stable")
+        rank = [list(sorted(row[:16], key=lambda c, q=q: (-key(q, c), -scores[q, c]))) + list(row[16:])
+                for q, row in enumerate(order)]
+        rank = np.array([r.index(q) for q, r in enumerate(rank)])
+        for k in (1, 5, 10):
+            assert rr[direction][f"R@{k}"] == pytest.approx(np.mean(rank < k)), (direction, k)
+    assert np.mean(rank < 16) > itc_r1  # the test would show nothing if ITC already had every pair first
+    # the pool, both directions, against the same brute force over all its pairs
+    rows = pool_indices([f"s{i}" for i in range(n)], 20)
+    reference = {}
+    for direction, key in (("image_to_text", lambda q, c: model.score(q, c)),
+                           ("text_to_image", lambda q, c: model.score(c, q))):
+        rank = np.array([sorted(rows, key=lambda c, q=q: (-key(q, c), c)).index(q) for q in rows])
+        reference[direction] = [np.mean(rank < k) for k in (1, 2, 3, 5, 10)]
+        for k in (1, 2, 3, 5, 10):
+            assert res["pool"]["itm"][direction][f"R@{k}"] == pytest.approx(np.mean(rank < k)), (direction, k)
+    # the two directions differ here, so a transposed score matrix would be caught
+    assert reference["image_to_text"] != reference["text_to_image"]
     assert model.calls == 2 * n * 16 + 20 * 20  # re-ranking both ways, then the pool
     assert "itc" in res["pool"] and "skipped_parts" not in res
 

@@ -70,8 +70,8 @@ def chance_recall_at_k(relevant: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> 
 
 
 def rerank_scores(sim: np.ndarray, candidates: np.ndarray, itm: np.ndarray) -> np.ndarray:
-    """(Q, C) scores that rank each row's ``candidates`` first, in ITM order, and every other
-    column after them in ITC (``sim``) order.
+    """(Q, C) scores that rank each row's ``candidates`` first, in ITM order (equal ITM scores in
+    ITC order), and every other column after them in ITC (``sim``) order.
 
     Args:
         sim: (Q, C) ITC similarities.
@@ -85,8 +85,12 @@ def rerank_scores(sim: np.ndarray, candidates: np.ndarray, itm: np.ndarray) -> n
                               f"for the {sim.shape[0]} queries")
     out = sim.copy()
     if itm.size:
-        offset = sim.max() - itm.min() + 1.0  # every re-ranked candidate lands above every other column
-        np.put_along_axis(out, candidates, itm + offset, axis=1)
+        k = itm.shape[1]
+        # each row's candidates by ITM, ties (e.g. a saturated head) by ITC, then by position
+        order = np.lexsort((-np.take_along_axis(sim, candidates, axis=1), -itm), axis=-1)
+        ranked = np.take_along_axis(candidates, order, axis=1)
+        top = sim.max() + 1.0  # every re-ranked candidate lands above every other column
+        np.put_along_axis(out, ranked, top + np.arange(k, 0, -1, dtype=np.float64)[None, :], axis=1)
     return out
 
 

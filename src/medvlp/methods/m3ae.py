@@ -159,7 +159,8 @@ class FusionHeads:
     def fusion_text_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The unmasked report's tokens projected to the fusion width (B, L, W) and its padding
-        mask (B, L), True at padding (None when nothing is padded)."""
+        mask (B, L), True at padding (the text tower's ``padding_mask``; None only when the tower
+        gives none)."""
         txt = self.text(input_ids, attention_mask)
         return self.text_to_fusion(txt.tokens), txt.padding_mask
 

@@ -126,6 +126,13 @@ def _batches(n: int, batch: int = 16):
     return out
 
 
+def _embeddings(model, batches):
+    """The test split's ITC embeddings as the runner passes them (``SplitEmbeddings`` fields)."""
+    return SimpleNamespace(ids=[i for b in batches for i in b.ids], texts=[t for b in batches for t in b.texts],
+                           image_emb=torch.cat([model.encode_image(b.images) for b in batches]),
+                           text_emb=torch.cat([model.encode_text(b.input_ids, b.attention_mask) for b in batches]))
+
+
 def test_oracle_matcher_retrieves_everything_and_a_constant_one_is_at_chance():
     n = 40
     oracle = evaluate_retrieval_itm(_FakeFusion(n), _batches(n), rerank_k=16, pool_size=32)
@@ -142,7 +149,8 @@ def test_oracle_matcher_retrieves_everything_and_a_constant_one_is_at_chance():
 def test_reranking_lifts_itc_to_the_itm_order_within_the_top_k():
     n = 40
     model = _FakeFusion(n, shared=True, asym=20.0)  # the re-ranked order is not just "true pair first"
-    res = evaluate_retrieval_itm(model, _batches(n), rerank_k=16, pool_size=20, ks=(1, 2, 3, 5, 10))
+    res = evaluate_retrieval_itm(model, _batches(n), rerank_k=16, pool_size=20, ks=(1, 2, 3, 5, 10),
+                                 embeddings=_embeddings(model, _batches(n)))
     rr = res["rerank"]
     assert rr["n"] == n and rr["k"] == 16
     itc_r1 = rr["itc"]["image_to_text"]["R@1"]

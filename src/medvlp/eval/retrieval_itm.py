@@ -96,50 +96,48 @@ def rerank_scores(sim: np.ndarray, candidates: np.ndarray, itm: np.ndarray) -> n
 
 @dataclass
 class ItmInputs:
-    """The test pairs' fusion inputs (and ITC embeddings for shared-space models), row-aligned."""
+    """The test pairs' fusion inputs, row-aligned."""
 
     ids: list[str]
     texts: list[str]
     image_seq: torch.Tensor            # (N, 1 + P, W)
     text_seq: torch.Tensor             # (N, L, W), zero rows past each report's length
     text_padding: torch.Tensor         # (N, L) True at padding
-    image_emb: torch.Tensor | None     # (N, E) normalised (shared space only)
-    text_emb: torch.Tensor | None
 
 
 @torch.no_grad()
-def collect_inputs(model: nn.Module, batches: Iterable, *, itm: bool, itc: bool, device) -> ItmInputs:
+def collect_inputs(model: nn.Module, batches: Iterable, *, device) -> ItmInputs:
     """One pass over the test batches: samples without report text are dropped (no pair)."""
     ids: list[str] = []
     texts: list[str] = []
-    img_seq, txt_seq, pads, img_emb, txt_emb = [], [], [], [], []
+    img_seq, txt_seq, pads = [], [], []
     for batch in batches:
         keep = [i for i, t in enumerate(batch.texts) if t.strip()]
         if not keep:
             continue
         rows = torch.as_tensor(keep, dtype=torch.long)
-        images = batch.images[rows].to(device)
-        input_ids, mask = batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device)
         ids += [batch.ids[i] for i in keep]
         texts += [batch.texts[i] for i in keep]
-        if itm:
-            img_seq.append(model.fusion_image_inputs(images).float().cpu())
-            seq, padding = model.fusion_text_inputs(input_ids, mask)
-            txt_seq.append(seq.float().cpu())
-            pads.append((padding if padding is not None else torch.zeros(seq.shape[:2], dtype=torch.bool)).cpu())
-        if itc:
-            img_emb.append(model.encode_image(images).float().cpu())
-            txt_emb.append(model.encode_text(input_ids, mask).float().cpu())
+        img_seq.append(model.fusion_image_inputs(batch.images[rows].to(device)).float().cpu())
+        seq, padding = model.fusion_text_inputs(batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device))
+        txt_seq.append(seq.float().cpu())
+        pads.append((padding if padding is not None else torch.zeros(seq.shape[:2], dtype=torch.bool)).cpu())
     if not ids:
         raise EvaluationError("retrieval_itm: the test split has no samples with report text")
-    text_seq = text_padding = image_seq = None
-    if itm:
-        length = max(s.shape[1] for s in txt_seq)  # batches are padded to their own longest report
-        text_seq = torch.cat([torch.nn.functional.pad(s, (0, 0, 0, length - s.shape[1])) for s in txt_seq])
-        text_padding = torch.cat([torch.nn.functional.pad(p, (0, length - p.shape[1]), value=True) for p in pads])
-        image_seq = torch.cat(img_seq)
-    return ItmInputs(ids, texts, image_seq, text_seq, text_padding,
-                     torch.cat(img_emb) if itc else None, torch.cat(txt_emb) if itc else None)
+    length = max(s.shape[1] for s in txt_seq)  # batches are padded to their own longest report
+    text_seq = torch.cat([torch.nn.functional.pad(s, (0, 0, 0, length - s.shape[1])) for s in txt_seq])
+    text_padding = torch.cat([torch.nn.functional.pad(p, (0, length - p.shape[1]), value=True) for p in pads])
+    return ItmInputs(ids, texts, torch.cat(img_seq), text_seq, text_padding)
+
+
+def _paired_rows(embeddings) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor]:
+    """The rows of the test embeddings (ids, texts, image_emb, text_emb) that have a report."""
+    keep = [j for j, t in enumerate(embeddings.texts) if t.strip()]
+    if not keep:
+        raise EvaluationError("retrieval_itm: the test split has no samples with report text")
+    rows = torch.as_tensor(keep, dtype=torch.long)
+    return ([embeddings.ids[j] for j in keep], [embeddings.texts[j] for j in keep], embeddings.image_emb[rows],
+            embeddings.text_emb[rows])
 
 
 @torch.no_grad()
@@ -176,20 +174,38 @@ def _rerank(model, inputs: ItmInputs, sim: np.ndarray, k: int, relevant: np.ndar
 
 
 def evaluate_retrieval_itm(model: nn.Module, batches: Iterable, *, rerank_k: int, pool_size: int,
-                           batch_size: int = 512, device="cpu", ks: Sequence[int] = DEFAULT_KS) -> dict:
+                           embeddings=None, batch_size: int = 512, device="cpu",
+                           ks: Sequence[int] = DEFAULT_KS) -> dict:
     """ITM retrieval metrics of one model on the test batches (see the module docstring).
+
+    ``embeddings``: the test split's ITC embeddings as the runner already has them (an object with
+    ``ids``, ``texts``, ``image_emb``, ``text_emb``; rows without a report are dropped here), for
+    shared-space models; None for a model without a shared space. ``batches`` are read only when
+    the model has an ITM head.
 
     Returns ``{"rerank": {"k", "image_to_text", "text_to_image", "itc", "n"} (shared space + ITM),
     "pool": {"n", "n_unique_texts", "chance", "itm": {...}, "itc": {...}}, "scorer", "skipped_parts"}``;
     a part that does not apply is absent and its reason is under ``skipped_parts``.
     """
-    itm, itc = has_itm(model), has_shared_space(model)
+    itm, itc = has_itm(model), embeddings is not None
     if not itm and not itc:
         raise RetrievalItmSkipped("the model has neither an image-text matching head nor a shared image-text space")
     if rerank_k < max(ks) or pool_size < 2:
         raise EvaluationError(f"retrieval_itm: eval.itm_rerank_k ({rerank_k}) must be >= {max(ks)} (the largest "
                               f"K) and eval.itm_pool_size ({pool_size}) >= 2")
-    inputs = collect_inputs(model, batches, itm=itm, itc=itc, device=device)
+    inputs = collect_inputs(model, batches, device=device) if itm else None
+    sim = None
+    if itc:
+        ids, texts, image_emb, text_emb = _paired_rows(embeddings)
+        if inputs is not None:  # the same loader order; align by id all the same
+            if sorted(ids) != sorted(inputs.ids):
+                raise EvaluationError("retrieval_itm: the ITC embeddings and the ITM inputs cover different samples")
+            where = {i: j for j, i in enumerate(ids)}
+            order = torch.as_tensor([where[i] for i in inputs.ids], dtype=torch.long)
+            image_emb, text_emb = image_emb[order], text_emb[order]
+        sim = (image_emb.double() @ text_emb.double().T).numpy()
+    if inputs is not None:
+        ids, texts = inputs.ids, inputs.texts
     skipped = {}
     if not itm:
         skipped["itm"] = "the model has no image-text matching head (method without a fusion encoder or itm_weight 0)"
@@ -197,13 +213,11 @@ def evaluate_retrieval_itm(model: nn.Module, batches: Iterable, *, rerank_k: int
         skipped["rerank"] = "the model has no shared image-text space to draw the candidates from"
         skipped["itc"] = "the model has no shared image-text space"
     out: dict = {"scorer": "ITM log-odds on the whole image and the unmasked report"}
-    groups = text_groups(inputs.texts)
-    sim = (inputs.image_emb.double() @ inputs.text_emb.double().T).numpy() if itc else None
+    groups = text_groups(texts)
     if itm and itc:
         relevant = groups[:, None] == groups[None, :]
-        out["rerank"] = {**_rerank(model, inputs, sim, rerank_k, relevant, ks, batch_size, device),
-                         "n": len(inputs.ids)}
-    rows = pool_indices(inputs.ids, pool_size)
+        out["rerank"] = {**_rerank(model, inputs, sim, rerank_k, relevant, ks, batch_size, device), "n": len(ids)}
+    rows = pool_indices(ids, pool_size)
     g = groups[rows]
     relevant = g[:, None] == g[None, :]
     pool: dict = {"n": int(len(rows)), "n_unique_texts": int(len(np.unique(g))),

@@ -42,7 +42,7 @@ from medvlp.eval.prompt_tuning import evaluate_prompt_tuning, supports_prompt_tu
 from medvlp.eval.prompts import load_prompts
 from medvlp.eval.report import write_report
 from medvlp.eval.retrieval import evaluate_retrieval
-from medvlp.eval.retrieval_itm import RetrievalItmSkipped, evaluate_retrieval_itm
+from medvlp.eval.retrieval_itm import RetrievalItmSkipped, evaluate_retrieval_itm, has_shared_space
 from medvlp.eval.zeroshot import (
     DEFAULT_LOGIT_SCALE,
     evaluate_zero_shot,
@@ -332,8 +332,9 @@ def _evaluate_one(name: str, model: nn.Module, tokenizer, cfg, classes: list[str
             log.warning("%s: %s skipped: an image-only model has no text encoder", name, ", ".join(skipped))
     probe = "linear_probe" in tasks
     has_head = hasattr(model, "classify_features") and hasattr(model, "head_classes")
+    itc_texts = "retrieval" in tasks or ("retrieval_itm" in tasks and has_shared_space(model))
     emb = embed_split(model, tokenizer, test, cfg, classes, device=device, images=True,
-                      texts="retrieval" in tasks, features=probe or has_head, progress=progress,
+                      texts=itc_texts, features=probe or has_head, progress=progress,
                       desc=f"{name}: {cfg.eval.split}")
     scale = zero_shot_logit_scale(model)
     out: dict = {"meta": {"split": cfg.eval.split, "n_test": len(emb.ids), "classes": list(classes),
@@ -356,7 +357,8 @@ def _evaluate_one(name: str, model: nn.Module, tokenizer, cfg, classes: list[str
         try:
             out["retrieval_itm"] = evaluate_retrieval_itm(
                 model, _make_loader(test, cfg, tokenizer, classes, cfg.eval.batch_size), rerank_k=cfg.eval.itm_rerank_k,
-                pool_size=cfg.eval.itm_pool_size, batch_size=4 * cfg.eval.batch_size, device=device)
+                pool_size=cfg.eval.itm_pool_size, embeddings=emb if emb.text_emb is not None else None,
+                batch_size=4 * cfg.eval.batch_size, device=device)
         except RetrievalItmSkipped as exc:
             log.warning("%s: retrieval_itm skipped: %s", name, exc)
             out["meta"].setdefault("skipped_tasks", {})["retrieval_itm"] = str(exc)
